@@ -1,0 +1,61 @@
+//! IMPURE: backends that apply a plan to the kernel and read state back.
+//!
+//! A backend never decides Kubernetes semantics; it asks `plan` what to do and does it.
+use std::collections::BTreeSet;
+
+use crate::model::{ServiceKey, Snapshot};
+
+/// What changed since the last successful sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// Resynchronise everything (first sync, node-wide change, periodic resync, after a failure).
+    All,
+    /// Only these Services (added, changed or removed) need their rules rewritten.
+    Services(BTreeSet<ServiceKey>),
+}
+
+/// One sync: the desired state of every programmed family and what changed.
+#[derive(Clone, Copy, Debug)]
+pub struct SyncRequest<'a> {
+    /// One snapshot per family, primary family first.
+    pub snapshots: &'a [Snapshot],
+    pub changed: &'a Changed,
+}
+
+/// What a successful sync did, for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// True if the sync rewrote everything (a partial request may still become full).
+    pub full: bool,
+    /// Rules (nft rules, iptables rules, or map entries) in the programmed state, by table
+    /// name as kube-proxy's `kubeproxy_sync_proxy_rules_*_total` metrics count them.
+    pub rules_total: Vec<(String, u64)>,
+    /// Stale UDP conntrack entries deleted.
+    pub conntrack_deleted: u64,
+}
+
+/// Errors a backend reports. Each names what failed and carries the tool's own words.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{tool} failed: {stderr}")]
+    Tool { tool: String, stderr: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A proxy mode's backend. `sync` must be atomic per family: either the whole new state is
+/// in place or the old one still is. Neither `sync` nor dropping the backend flushes state.
+pub trait Dataplane: Send {
+    /// `--proxy-mode` name.
+    fn mode(&self) -> &'static str;
+    /// Bring the kernel to the requested state.
+    fn sync(&mut self, request: SyncRequest<'_>) -> Result<SyncOutcome, DataplaneError>;
+    /// Remove everything this backend ever created, and nothing else (`--cleanup`).
+    fn cleanup(&mut self) -> Result<(), DataplaneError>;
+}

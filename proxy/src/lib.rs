@@ -1,0 +1,13 @@
+//! shunt: a drop-in replacement for kube-proxy.
+//!
+//! Data flows one way: `source` (API watchers or a manifest directory) → `model` (pure
+//! kube-proxy semantics) → `plan` (pure: model → nft transaction, iptables-restore text or map
+//! operations) → `dataplane` (applies a plan, reads state back) → kernel. `sync` paces the
+//! syncs; `serve` answers health checks and metrics.
+pub mod config;
+pub mod dataplane;
+pub mod model;
+pub mod plan;
+pub mod serve;
+pub mod source;
+pub mod sync;

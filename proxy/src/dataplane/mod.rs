@@ -1,18 +1,10 @@
 //! IMPURE: backends that apply a plan to the kernel and read state back.
 //!
 //! A backend never decides Kubernetes semantics; it asks `plan` what to do and does it.
-use std::collections::BTreeSet;
+pub mod nftables;
 
-use crate::model::{ServiceKey, Snapshot};
-
-/// What changed since the last successful sync.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Changed {
-    /// Resynchronise everything (first sync, node-wide change, periodic resync, after a failure).
-    All,
-    /// Only these Services (added, changed or removed) need their rules rewritten.
-    Services(BTreeSet<ServiceKey>),
-}
+pub use crate::model::Changed;
+use crate::model::Snapshot;
 
 /// One sync: the desired state of every programmed family and what changed.
 #[derive(Clone, Copy, Debug)]

@@ -3,8 +3,10 @@
 //! kube-proxy's semantics live here (pkg/proxy: servicechangetracker.go,
 //! endpointschangetracker.go, topology.go's CategorizeEndpoints). Nothing in this module does
 //! I/O; the tracker is fed objects by `source/` and read by `sync.rs`.
+mod tracker;
 mod types;
 
+pub use tracker::{ModelError, PendingChanges, Tracker, Update};
 pub use types::*;
 
 use k8s_openapi::api::core::v1::{Node, Service};

@@ -1,6 +1,6 @@
 //! The per-node model every mode programs from. Plain data: no I/O, no Kubernetes client
 //! types, so that plans can be computed and tested in isolation.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -273,4 +273,13 @@ pub struct NodeConfig {
     /// --nodeport-addresses as CIDRs (both families); empty means kube-proxy's default,
     /// the node's primary IP of each family.
     pub node_port_addresses: Vec<IpNet>,
+}
+
+/// What changed since the last successful sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// Resynchronise everything (first sync, node-wide change, periodic resync, after a failure).
+    All,
+    /// Only these Services (added, changed or removed) need their rules rewritten.
+    Services(BTreeSet<ServiceKey>),
 }

@@ -1,5 +1,10 @@
 //! Where objects come from: the Kubernetes API (kube-rs watchers) or a directory of manifests.
 //! Both send `SourceEvent`s to the sync runner over one channel.
+pub mod addresses;
+pub mod kube;
+pub mod manifests;
+
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use crate::model::{Object, ObjectRef};
@@ -28,6 +33,8 @@ pub enum SourceEvent {
     Delete { origin: Origin, object: ObjectRef },
     /// Input that could not be read as objects (garbage YAML, unknown kind, …); skipped.
     Invalid { origin: Origin, reason: String },
+    /// The addresses now assigned to this node's interfaces (all families).
+    LocalAddresses(Vec<IpAddr>),
     /// Every initial list is complete: the first sync may run.
     Synced,
 }

@@ -384,3 +384,594 @@ impl Tracker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DetectLocal, IpFamily, NodePortIps};
+    use serde_json::{Value, json};
+
+    fn config(families: Vec<IpFamily>) -> NodeConfig {
+        NodeConfig {
+            node_name: "me".into(),
+            families,
+            detect_local: DetectLocal::None,
+            masquerade_all: false,
+            node_port_addresses: vec![],
+        }
+    }
+
+    fn service(ns: &str, name: &str, spec: Value) -> Object {
+        Object::Service(Box::new(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": ns, "name": name}, "spec": spec}))
+            .unwrap(),
+        ))
+    }
+
+    fn simple_service(ns: &str, name: &str, ip: &str) -> Object {
+        service(
+            ns,
+            name,
+            json!({"clusterIP": ip, "ports": [{"name": "p", "port": 80}]}),
+        )
+    }
+
+    fn slice_json(ns: &str, name: &str, svc: &str, family: &str, addrs: &[&str]) -> Value {
+        let eps: Vec<Value> = addrs
+            .iter()
+            .map(|a| json!({"addresses": [a], "nodeName": "me"}))
+            .collect();
+        json!({
+            "metadata": {"namespace": ns, "name": name,
+                "labels": {"kubernetes.io/service-name": svc}},
+            "addressType": family,
+            "ports": [{"name": "p", "port": 8080}],
+            "endpoints": eps,
+        })
+    }
+
+    fn slice(ns: &str, name: &str, svc: &str, addrs: &[&str]) -> Object {
+        slice_obj(slice_json(ns, name, svc, "IPv4", addrs))
+    }
+
+    fn slice_obj(v: Value) -> Object {
+        Object::EndpointSlice(Box::new(serde_json::from_value(v).unwrap()))
+    }
+
+    fn node(name: &str, zone: Option<&str>, addrs: &[&str]) -> Object {
+        let addresses: Vec<Value> = addrs
+            .iter()
+            .map(|a| json!({"type": "InternalIP", "address": a}))
+            .collect();
+        let mut meta = json!({"name": name});
+        if let Some(z) = zone {
+            meta["labels"] = json!({"topology.kubernetes.io/zone": z});
+        }
+        Object::Node(Box::new(
+            serde_json::from_value(json!({"metadata": meta,
+                "status": {"addresses": addresses}}))
+            .unwrap(),
+        ))
+    }
+
+    fn service_cidr(name: &str, cidrs: &[&str]) -> Object {
+        Object::ServiceCidr(Box::new(
+            serde_json::from_value(json!({"metadata": {"name": name},
+                "spec": {"cidrs": cidrs}}))
+            .unwrap(),
+        ))
+    }
+
+    fn key(ns: &str, name: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn oref(kind: Kind, ns: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            kind,
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn services(keys: &[(&str, &str)]) -> Changed {
+        Changed::Services(keys.iter().map(|(n, s)| key(n, s)).collect())
+    }
+
+    /// Endpoint addresses of every port of a Service in the first snapshot.
+    fn endpoints_of(t: &Tracker, ns: &str, name: &str) -> Vec<String> {
+        let k = key(ns, name);
+        t.snapshots()[0]
+            .ports_of(&k)
+            .flat_map(|s| s.endpoints.iter().map(|e| e.addr().to_string()))
+            .collect()
+    }
+
+    /// A tracker with two Services (a, b) each with one slice, already taken once.
+    fn settled() -> Tracker {
+        let mut t = Tracker::new(config(vec![IpFamily::V4]));
+        t.apply(simple_service("ns", "a", "10.96.0.1")).unwrap();
+        t.apply(simple_service("ns", "b", "10.96.0.2")).unwrap();
+        t.apply(slice("ns", "a-1", "a", &["10.0.0.1"])).unwrap();
+        t.apply(slice("ns", "b-1", "b", &["10.0.1.1"])).unwrap();
+        assert_eq!(t.take_update().changed, Changed::All);
+        t
+    }
+
+    enum Step {
+        Apply(Object),
+        Delete(ObjectRef),
+        LocalAddresses(Vec<&'static str>),
+        MarkAll,
+    }
+
+    #[test]
+    fn changes_table() {
+        use Step::*;
+        struct Case {
+            name: &'static str,
+            steps: Vec<Step>,
+            changed: Changed,
+            /// Endpoints of Services a and b afterwards.
+            a: Vec<&'static str>,
+            b: Vec<&'static str>,
+        }
+        let cases = vec![
+            Case {
+                name: "nothing",
+                steps: vec![],
+                changed: services(&[]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "re-applying an identical object changes nothing",
+                steps: vec![
+                    Apply(simple_service("ns", "a", "10.96.0.1")),
+                    Apply(slice("ns", "a-1", "a", &["10.0.0.1"])),
+                ],
+                changed: services(&[]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "slice changed",
+                steps: vec![Apply(slice("ns", "a-1", "a", &["10.0.0.1", "10.0.0.2"]))],
+                changed: services(&[("ns", "a")]),
+                a: vec!["10.0.0.1:8080", "10.0.0.2:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "slice added",
+                steps: vec![Apply(slice("ns", "b-2", "b", &["10.0.1.2"]))],
+                changed: services(&[("ns", "b")]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080", "10.0.1.2:8080"],
+            },
+            Case {
+                name: "slice deleted",
+                steps: vec![Delete(oref(Kind::EndpointSlice, "ns", "a-1"))],
+                changed: services(&[("ns", "a")]),
+                a: vec![],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "slice moved from a to b",
+                steps: vec![Apply(slice("ns", "a-1", "b", &["10.0.0.1"]))],
+                changed: services(&[("ns", "a"), ("ns", "b")]),
+                a: vec![],
+                b: vec!["10.0.0.1:8080", "10.0.1.1:8080"],
+            },
+            Case {
+                name: "slice in another namespace does not attach",
+                steps: vec![Apply(slice("other", "a-9", "a", &["10.0.0.9"]))],
+                changed: services(&[("other", "a")]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "service deleted",
+                steps: vec![Delete(oref(Kind::Service, "ns", "b"))],
+                changed: services(&[("ns", "b")]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec![],
+            },
+            Case {
+                name: "service becomes ignored (label)",
+                steps: vec![Apply(Object::Service(Box::new(
+                    serde_json::from_value(json!({
+                        "metadata": {"namespace": "ns", "name": "b",
+                            "labels": {"service.kubernetes.io/service-proxy-name": "x"}},
+                        "spec": {"clusterIP": "10.96.0.2", "ports": [{"name": "p", "port": 80}]}}))
+                    .unwrap(),
+                )))],
+                changed: services(&[("ns", "b")]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec![],
+            },
+            Case {
+                name: "slice becomes ignored (label)",
+                steps: vec![Apply(slice_obj({
+                    let mut v = slice_json("ns", "a-1", "a", "IPv4", &["10.0.0.1"]);
+                    v["metadata"]["labels"]["service.kubernetes.io/headless"] = "".into();
+                    v
+                }))],
+                changed: services(&[("ns", "a")]),
+                a: vec![],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "invalid service version removes the old one",
+                steps: vec![Apply(service(
+                    "ns",
+                    "a",
+                    json!({"clusterIP": "10.96.0.1", "ports": [{"name": "p", "port": 0}]}),
+                ))],
+                changed: services(&[("ns", "a")]),
+                a: vec![],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "invalid slice version removes the old one",
+                steps: vec![Apply(slice("ns", "b-1", "b", &["10.0.1.x"]))],
+                changed: services(&[("ns", "b")]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec![],
+            },
+            Case {
+                name: "several changes to several services",
+                steps: vec![
+                    Apply(slice("ns", "a-1", "a", &["10.0.0.5"])),
+                    Apply(slice("ns", "b-1", "b", &["10.0.1.5"])),
+                    Apply(slice("ns", "a-1", "a", &["10.0.0.6"])),
+                ],
+                changed: services(&[("ns", "a"), ("ns", "b")]),
+                a: vec!["10.0.0.6:8080"],
+                b: vec!["10.0.1.5:8080"],
+            },
+            Case {
+                name: "node changed",
+                steps: vec![Apply(node("me", None, &["192.168.0.2"]))],
+                changed: Changed::All,
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "another node is ignored",
+                steps: vec![Apply(node("other", None, &["192.168.0.3"]))],
+                changed: services(&[]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "service CIDR added",
+                steps: vec![Apply(service_cidr("kubernetes", &["10.96.0.0/16"]))],
+                changed: Changed::All,
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "deleting an unknown service CIDR changes nothing",
+                steps: vec![Delete(oref(Kind::ServiceCidr, "", "nope"))],
+                changed: services(&[]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "local addresses changed",
+                steps: vec![LocalAddresses(vec!["192.168.0.2"])],
+                changed: Changed::All,
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "local addresses unchanged",
+                steps: vec![LocalAddresses(vec![])],
+                changed: services(&[]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "mark_all_dirty",
+                steps: vec![MarkAll],
+                changed: Changed::All,
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+        ];
+        for c in cases {
+            let mut t = settled();
+            for step in c.steps {
+                match step {
+                    Apply(o) => {
+                        let _ = t.apply(o);
+                    }
+                    Delete(r) => t.delete(&r),
+                    LocalAddresses(a) => {
+                        t.set_local_addresses(a.iter().map(|s| s.parse().unwrap()).collect())
+                    }
+                    MarkAll => t.mark_all_dirty(),
+                }
+            }
+            assert_eq!(t.take_update().changed, c.changed, "{}", c.name);
+            assert_eq!(endpoints_of(&t, "ns", "a"), c.a, "{}: a", c.name);
+            assert_eq!(endpoints_of(&t, "ns", "b"), c.b, "{}: b", c.name);
+            // Everything was consumed: the next update is empty.
+            assert_eq!(t.take_update().changed, services(&[]), "{}: again", c.name);
+        }
+    }
+
+    #[test]
+    fn first_update_is_all_even_when_empty() {
+        let mut t = Tracker::new(config(vec![IpFamily::V4, IpFamily::V6]));
+        assert_eq!(t.snapshots().len(), 2);
+        assert_eq!(t.take_update().changed, Changed::All);
+        assert_eq!(t.take_update().changed, services(&[]));
+        let fams: Vec<IpFamily> = t.snapshots().iter().map(|s| s.network.family).collect();
+        assert_eq!(fams, vec![IpFamily::V4, IpFamily::V6]);
+    }
+
+    #[test]
+    fn invalid_objects_are_reported_and_isolated() {
+        let cases: Vec<(Object, &str, &str)> = vec![
+            (
+                service(
+                    "ns",
+                    "bad",
+                    json!({"clusterIP": "10.96.0.9",
+                        "ports": [{"name": "a", "port": 80}, {"name": "b", "port": 0}]}),
+                ),
+                "Service ns/bad",
+                "spec.ports[1].port",
+            ),
+            (
+                slice_obj(json!({"metadata": {"namespace": "ns", "name": "orphan"},
+                    "addressType": "IPv4", "endpoints": []})),
+                "EndpointSlice ns/orphan",
+                "metadata.labels[kubernetes.io/service-name]",
+            ),
+            (
+                node("me", None, &["not-an-ip"]),
+                "Node me",
+                "status.addresses[0].address",
+            ),
+            (
+                service_cidr("kubernetes", &["10.96.0.0/16", "x"]),
+                "ServiceCIDR kubernetes",
+                "spec.cidrs[1]",
+            ),
+        ];
+        for (obj, want_obj, want_field) in cases {
+            let mut t = settled();
+            let err = t.apply(obj).expect_err(want_field);
+            let ModelError::Invalid { object, field, .. } = &err;
+            assert_eq!(object.to_string(), want_obj);
+            assert_eq!(field, want_field);
+            assert!(err.to_string().contains(want_field), "{err}");
+            t.take_update();
+            // Every other Service unaffected.
+            assert_eq!(endpoints_of(&t, "ns", "a"), vec!["10.0.0.1:8080"]);
+            assert_eq!(endpoints_of(&t, "ns", "b"), vec!["10.0.1.1:8080"]);
+        }
+    }
+
+    #[test]
+    fn pending_changes_count_distinct_objects() {
+        let mut t = settled();
+        assert_eq!(t.pending_changes(), PendingChanges::default());
+        t.apply(simple_service("ns", "c", "10.96.0.3")).unwrap();
+        t.apply(simple_service("ns", "c", "10.96.0.4")).unwrap();
+        t.apply(slice("ns", "a-1", "a", &["10.0.0.7"])).unwrap();
+        t.apply(slice("ns", "a-1", "a", &["10.0.0.8"])).unwrap();
+        t.apply(slice("ns", "a-2", "a", &["10.0.0.9"])).unwrap();
+        t.delete(&oref(Kind::Service, "ns", "b"));
+        assert_eq!(
+            t.pending_changes(),
+            PendingChanges {
+                services: 2,
+                endpoint_slices: 2
+            }
+        );
+        t.take_update();
+        assert_eq!(t.pending_changes(), PendingChanges::default());
+    }
+
+    #[test]
+    fn trigger_times_are_collected_once() {
+        let mut t = settled();
+        let mut v = slice_json("ns", "a-1", "a", "IPv4", &["10.0.0.2"]);
+        v["metadata"]["annotations"] =
+            json!({"endpoints.kubernetes.io/last-change-trigger-time": "2024-05-01T10:00:00Z"});
+        t.apply(slice_obj(v)).unwrap();
+        let mut v = slice_json("ns", "b-1", "b", "IPv4", &["10.0.1.2"]);
+        v["metadata"]["annotations"] =
+            json!({"endpoints.kubernetes.io/last-change-trigger-time": "2024-05-01T10:00:01Z"});
+        t.apply(slice_obj(v)).unwrap();
+        let u = t.take_update();
+        let base = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_714_557_600);
+        assert_eq!(
+            u.trigger_times,
+            vec![base, base + std::time::Duration::from_secs(1)]
+        );
+        assert!(t.take_update().trigger_times.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_snapshots() {
+        let mut t = Tracker::new(config(vec![IpFamily::V6, IpFamily::V4]));
+        t.apply(node("me", None, &["192.168.0.2", "2001:db8::2"]))
+            .unwrap();
+        t.apply(service_cidr(
+            "kubernetes",
+            &["10.96.0.0/16", "fd00:96::/112"],
+        ))
+        .unwrap();
+        t.apply(service(
+            "ns",
+            "ds",
+            json!({"type": "NodePort", "clusterIPs": ["10.96.0.1", "fd00:96::1"],
+                "ports": [{"name": "p", "port": 80, "nodePort": 30080}]}),
+        ))
+        .unwrap();
+        t.apply(slice("ns", "ds-v4", "ds", &["10.0.0.1"])).unwrap();
+        t.apply(slice_obj(slice_json(
+            "ns",
+            "ds-v6",
+            "ds",
+            "IPv6",
+            &["fd00:1::1"],
+        )))
+        .unwrap();
+        t.take_update();
+        let snaps = t.snapshots();
+        let k = key("ns", "ds");
+        let summary = |s: &Snapshot| -> (IpFamily, Option<String>, Vec<String>, Vec<String>) {
+            let st: Vec<&crate::model::ServicePortState> = s.ports_of(&k).collect();
+            (
+                s.network.family,
+                s.network.primary_ip.map(|i| i.to_string()),
+                s.network
+                    .service_cidrs
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect(),
+                st.iter()
+                    .flat_map(|p| {
+                        std::iter::once(p.port.cluster_ip.to_string())
+                            .chain(p.endpoints.iter().map(|e| e.addr().to_string()))
+                    })
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            summary(&snaps[0]),
+            (
+                IpFamily::V6,
+                Some("2001:db8::2".into()),
+                vec!["fd00:96::/112".into()],
+                vec!["fd00:96::1".into(), "[fd00:1::1]:8080".into()]
+            )
+        );
+        assert_eq!(
+            summary(&snaps[1]),
+            (
+                IpFamily::V4,
+                Some("192.168.0.2".into()),
+                vec!["10.96.0.0/16".into()],
+                vec!["10.96.0.1".into(), "10.0.0.1:8080".into()]
+            )
+        );
+        assert_eq!(
+            snaps[1].network.node_port_ips,
+            NodePortIps::Addresses(vec!["192.168.0.2".parse().unwrap()])
+        );
+    }
+
+    #[test]
+    fn node_zone_drives_topology() {
+        let mut t = Tracker::new(config(vec![IpFamily::V4]));
+        t.apply(simple_service("ns", "a", "10.96.0.1")).unwrap();
+        t.apply(slice_obj(json!({
+            "metadata": {"namespace": "ns", "name": "a-1",
+                "labels": {"kubernetes.io/service-name": "a"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "p", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "zone-a"}]}},
+                {"addresses": ["10.0.0.2"], "hints": {"forZones": [{"name": "zone-b"}]}},
+            ],
+        })))
+        .unwrap();
+        let cluster = |t: &Tracker| -> Vec<String> {
+            t.snapshots()[0]
+                .ports_of(&key("ns", "a"))
+                .flat_map(|s| s.cluster_endpoints.iter().map(|e| e.ip.to_string()))
+                .collect()
+        };
+        // (node zone, cluster endpoints)
+        let cases: Vec<(Option<&str>, Vec<&str>)> = vec![
+            (None, vec!["10.0.0.1", "10.0.0.2"]),
+            (Some("zone-a"), vec!["10.0.0.1"]),
+            (Some("zone-b"), vec!["10.0.0.2"]),
+            (Some("zone-c"), vec!["10.0.0.1", "10.0.0.2"]),
+        ];
+        for (zone, want) in cases {
+            t.apply(node("me", zone, &["192.168.0.2"])).unwrap();
+            t.take_update();
+            assert_eq!(t.node_zone(), zone);
+            assert_eq!(cluster(&t), want, "{zone:?}");
+        }
+    }
+
+    #[test]
+    fn deleting_our_node_clears_network() {
+        let mut t = Tracker::new(config(vec![IpFamily::V4]));
+        t.apply(node("me", None, &["192.168.0.2"])).unwrap();
+        t.take_update();
+        assert!(t.snapshots()[0].network.primary_ip.is_some());
+        t.delete(&oref(Kind::Node, "", "other"));
+        assert_eq!(t.take_update().changed, services(&[]));
+        t.delete(&oref(Kind::Node, "", "me"));
+        assert_eq!(t.take_update().changed, Changed::All);
+        assert_eq!(t.snapshots()[0].network.primary_ip, None);
+    }
+
+    /// 10,000 Services x 10 endpoints: one slice change recomputes only its Service, and the
+    /// cached state of every other Service stays as it was.
+    #[test]
+    fn ten_thousand_services_one_change() {
+        const N: usize = 10_000;
+        let mut t = Tracker::new(config(vec![IpFamily::V4]));
+        for i in 0..N {
+            let name = format!("svc-{i}");
+            let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+            t.apply(simple_service("ns", &name, &ip)).unwrap();
+            let addrs: Vec<String> = (0..10)
+                .map(|j| format!("10.{}.{}.{}", 1 + i / 250, i % 250, j + 1))
+                .collect();
+            let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            t.apply(slice("ns", &format!("{name}-x"), &name, &addrs))
+                .unwrap();
+        }
+        assert_eq!(
+            t.pending_changes(),
+            PendingChanges {
+                services: N,
+                endpoint_slices: N
+            }
+        );
+        assert_eq!(t.take_update().changed, Changed::All);
+        assert_eq!(t.snapshots()[0].services.len(), N);
+        let before = t.snapshots()[0].clone();
+
+        t.apply(slice("ns", "svc-42-x", "svc-42", &["10.250.0.1"]))
+            .unwrap();
+        let u = t.take_update();
+        assert_eq!(u.changed, services(&[("ns", "svc-42")]));
+        assert_eq!(endpoints_of(&t, "ns", "svc-42"), vec!["10.250.0.1:8080"]);
+        let after = &t.snapshots()[0];
+        assert_eq!(after.services.len(), N);
+        let differing: Vec<&ServicePortName> = after
+            .services
+            .iter()
+            .filter(|(k, v)| before.services.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(differing.len(), 1);
+        assert_eq!(differing[0].service, key("ns", "svc-42"));
+        for s in after.services.values() {
+            assert_eq!(
+                s.endpoints.len(),
+                if s.port.name.service.name == "svc-42" {
+                    1
+                } else {
+                    10
+                }
+            );
+        }
+    }
+}

@@ -134,11 +134,16 @@ pub fn parse_slice(slice: &EndpointSlice) -> Result<Parsed<SliceInfo>, ModelErro
                 format!("{ip} does not match addressType {}", slice.address_type),
             ));
         }
-        // API meaning of absent conditions (discovery/v1 EndpointConditions docs, and
-        // newEndpointSliceInfo): ready and serving default to true, terminating to false.
+        // Absent conditions: ready means true and terminating false (EndpointConditions
+        // docs). For serving, shunt's contract (and the conformance FORMAT) uses the
+        // discovery/v1 types.go wording "if nil, consumers should defer to the ready
+        // condition". kube-proxy's newEndpointSliceInfo reads nil as true instead; the two
+        // only differ for an endpoint that is explicitly not ready, terminating, and silent
+        // about serving, which no controller writes (the EndpointSlice controller always
+        // sets all three).
         let cond = ep.conditions.as_ref();
         let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
+        let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         let hints = ep.hints.as_ref();
         endpoints.push(SliceEndpoint {
@@ -382,7 +387,14 @@ mod tests {
             (json!(null), true, true, false),
             (json!({}), true, true, false),
             (json!({"ready": true}), true, true, false),
-            (json!({"ready": false}), false, true, false),
+            (json!({"ready": false}), false, false, false),
+            (
+                json!({"ready": false, "terminating": true}),
+                false,
+                false,
+                true,
+            ),
+            (json!({"ready": true, "serving": false}), true, false, false),
             (
                 json!({"ready": false, "serving": true, "terminating": true}),
                 false,

@@ -11,6 +11,9 @@ mod tracker;
 mod types;
 pub mod validate;
 
+#[cfg(test)]
+mod scenario_tests;
+
 pub use tracker::{ModelError, PendingChanges, Tracker, Update};
 pub use types::*;
 

@@ -8,6 +8,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service;
 
 use super::validate::{
@@ -243,11 +244,7 @@ pub fn parse_service(svc: &Service) -> Result<Parsed<Vec<ServicePort>>, ModelErr
                 node_port,
                 external_ips: of_family(&external_ips, family),
                 load_balancer_ips: of_family(&load_balancer_ips, family),
-                load_balancer_source_ranges: source_ranges
-                    .iter()
-                    .filter(|n| IpFamily::of_net(n) == family)
-                    .copied()
-                    .collect(),
+                load_balancer_source_ranges: source_ranges_of_family(&source_ranges, family),
                 affinity_timeout_seconds,
                 external_policy_local,
                 internal_policy_local,
@@ -257,6 +254,23 @@ pub fn parse_service(svc: &Service) -> Result<Parsed<Vec<ServicePort>>, ModelErr
         }
     }
     Ok(Parsed::Valid(ports))
+}
+
+/// The source ranges of one family. A zero CIDR (`0.0.0.0/0`, `::/0`) allows every source,
+/// which is what no ranges at all mean, so it empties that family's list (as newer
+/// kube-proxy's newBaseServiceInfo does) instead of making the plan build a firewall that
+/// filters nothing.
+fn source_ranges_of_family(ranges: &[IpNet], family: IpFamily) -> Vec<IpNet> {
+    let mine: Vec<IpNet> = ranges
+        .iter()
+        .filter(|n| IpFamily::of_net(n) == family)
+        .copied()
+        .collect();
+    if mine.iter().any(|n| n.prefix_len() == 0) {
+        Vec::new()
+    } else {
+        mine
+    }
 }
 
 fn of_family(ips: &[IpAddr], family: IpFamily) -> Vec<IpAddr> {
@@ -632,6 +646,13 @@ mod tests {
                 vec!["2001:db8::/64"],
             ),
             (vec!["10.1.2.3/16"], vec!["10.1.0.0/16"], vec![]),
+            // A zero CIDR allows everything in its family: no filtering there.
+            (
+                vec!["10.0.0.0/8", "0.0.0.0/0", "2001:db8::/64"],
+                vec![],
+                vec!["2001:db8::/64"],
+            ),
+            (vec!["10.0.0.0/8", "::/0"], vec!["10.0.0.0/8"], vec![]),
         ];
         for (ranges, v4, v6) in cases {
             let s = base(serde_json::json!({"type": "LoadBalancer",

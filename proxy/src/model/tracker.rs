@@ -581,6 +581,28 @@ mod tests {
                 b: vec![],
             },
             Case {
+                name: "service deleted and re-added finds its slices again",
+                steps: vec![
+                    Delete(oref(Kind::Service, "ns", "b")),
+                    Apply(simple_service("ns", "b", "10.96.0.2")),
+                ],
+                // Listed although the end state equals the start: allowed, and cheap.
+                changed: services(&[("ns", "b")]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec!["10.0.1.1:8080"],
+            },
+            Case {
+                name: "service port renamed: slices no longer match",
+                steps: vec![Apply(service(
+                    "ns",
+                    "b",
+                    json!({"clusterIP": "10.96.0.2", "ports": [{"name": "q", "port": 80}]}),
+                ))],
+                changed: services(&[("ns", "b")]),
+                a: vec!["10.0.0.1:8080"],
+                b: vec![],
+            },
+            Case {
                 name: "service becomes ignored (label)",
                 steps: vec![Apply(Object::Service(Box::new(
                     serde_json::from_value(json!({

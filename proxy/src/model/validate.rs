@@ -75,18 +75,43 @@ pub fn has_label(meta: &ObjectMeta, label: &str) -> bool {
     meta.labels.as_ref().is_some_and(|l| l.contains_key(label))
 }
 
-/// Parse an IP address as the API server validates it (no surrounding whitespace, no zone).
+/// Parse an IP address (no surrounding whitespace, no zone). Like kube-proxy's
+/// netutils.ParseIPSloppy, IPv4 octets with leading zeros are read as decimal: objects
+/// created before the API server rejected them may still carry such addresses.
 pub fn parse_ip(object: &ObjectRef, field: &str, text: &str) -> Result<IpAddr, ModelError> {
-    text.parse::<IpAddr>()
-        .map_err(|_| invalid(object, field, format!("{text:?} is not an IP address")))
+    sloppy_ip(text).ok_or_else(|| invalid(object, field, format!("{text:?} is not an IP address")))
+}
+
+fn sloppy_ip(text: &str) -> Option<IpAddr> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = text.split('.');
+    for o in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *o = part.parse().ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(IpAddr::from(octets))
 }
 
 /// Parse a CIDR. Like Go's ParseCIDR the address is masked to the network
-/// (`10.0.0.1/24` means `10.0.0.0/24`).
+/// (`10.0.0.1/24` means `10.0.0.0/24`); IPv4 leading zeros are tolerated as in parse_ip.
 pub fn parse_cidr(object: &ObjectRef, field: &str, text: &str) -> Result<IpNet, ModelError> {
-    text.parse::<IpNet>()
-        .map(|n| n.trunc())
-        .map_err(|_| invalid(object, field, format!("{text:?} is not a CIDR")))
+    let bad = || invalid(object, field, format!("{text:?} is not a CIDR"));
+    let (addr, len) = text.split_once('/').ok_or_else(bad)?;
+    if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let ip = sloppy_ip(addr).ok_or_else(bad)?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    IpNet::new(ip, len).map(|n| n.trunc()).map_err(|_| bad())
 }
 
 /// Kubernetes `Protocol`: absent means TCP (the API default).
@@ -172,6 +197,11 @@ mod tests {
             ("10.0.0.256", false),
             ("fe80::1%eth0", false),
             ("", false),
+            ("010.000.000.001", true),
+            ("10.0.0", false),
+            ("10.0.0.1.2", false),
+            ("10.0.0.0256", false),
+            ("+1.0.0.1", false),
         ];
         for (text, ok) in ips {
             assert_eq!(parse_ip(&obj(), "f", text).is_ok(), *ok, "{text:?}");
@@ -182,6 +212,11 @@ mod tests {
             ("fd00::1/64", Some("fd00::/64")),
             ("10.0.0.1", None),
             ("10.0.0.0/33", None),
+            ("010.001.0.0/16", Some("10.1.0.0/16")),
+            ("::/0", Some("::/0")),
+            ("10.0.0.0/", None),
+            ("10.0.0.0/+8", None),
+            ("fd00::/129", None),
             ("nonsense", None),
         ];
         for (text, want) in cidrs {

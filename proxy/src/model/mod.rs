@@ -3,8 +3,16 @@
 //! kube-proxy's semantics live here (pkg/proxy: servicechangetracker.go,
 //! endpointschangetracker.go, topology.go's CategorizeEndpoints). Nothing in this module does
 //! I/O; the tracker is fed objects by `source/` and read by `sync.rs`.
+pub mod categorize;
+pub mod endpoints;
+pub mod network;
+pub mod service;
 mod tracker;
 mod types;
+pub mod validate;
+
+#[cfg(test)]
+mod scenario_tests;
 
 pub use tracker::{ModelError, PendingChanges, Tracker, Update};
 pub use types::*;

@@ -401,3 +401,241 @@ fn read_manifests(dir: &Path) -> std::io::Result<Vec<(PathBuf, Result<Vec<u8>, S
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Kind;
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    fn svc(name: &str, port: i32) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: prod\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - port: {port}\n    protocol: TCP\n"
+        )
+    }
+
+    fn eps(name: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: prod\n  labels:\n    kubernetes.io/service-name: web\naddressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\nports:\n- port: 8080\n"
+        )
+    }
+
+    const NODE_JSON: &str = r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"node-a"},"spec":{"podCIDRs":["10.244.0.0/24"]}}"#;
+
+    async fn next(rx: &mut mpsc::Receiver<SourceEvent>) -> SourceEvent {
+        tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("timed out waiting for a source event")
+            .expect("source closed the channel")
+    }
+
+    fn r(kind: Kind, ns: &str, name: &str) -> ObjectRef {
+        ObjectRef {
+            kind,
+            namespace: ns.into(),
+            name: name.into(),
+        }
+    }
+
+    fn port_of(ev: &SourceEvent) -> i32 {
+        match ev {
+            SourceEvent::Apply {
+                object: Object::Service(s),
+                ..
+            } => s.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+            other => panic!("expected a Service Apply, got {other:?}"),
+        }
+    }
+
+    fn file_of(ev: &SourceEvent) -> PathBuf {
+        match ev {
+            SourceEvent::Apply {
+                origin: Origin::File(p),
+                ..
+            }
+            | SourceEvent::Delete {
+                origin: Origin::File(p),
+                ..
+            }
+            | SourceEvent::Invalid {
+                origin: Origin::File(p),
+                ..
+            } => p.clone(),
+            other => panic!("no file origin: {other:?}"),
+        }
+    }
+
+    /// Write via a temp file and rename over the target, as editors and `kubectl`-style
+    /// tooling do.
+    fn write_atomic(path: &Path, content: &str) {
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp",
+            path.file_name().unwrap().to_str().unwrap()
+        ));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn follows_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("manifests");
+        std::fs::create_dir(&dir).unwrap();
+        let a = dir.join("a.yaml");
+        let b = dir.join("b.json");
+        std::fs::write(&a, format!("{}---\n{}", svc("web", 80), eps("web-1"))).unwrap();
+        std::fs::write(&b, NODE_JSON).unwrap();
+        std::fs::write(dir.join("c.yaml"), "key: [unclosed\n").unwrap();
+        std::fs::write(dir.join(".hidden.yaml"), svc("hidden", 1)).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
+
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(dir.clone(), tx));
+
+        // Initial read: everything, then Synced.
+        let mut applied = Vec::new();
+        let mut invalid = Vec::new();
+        loop {
+            match next(&mut rx).await {
+                SourceEvent::Synced => break,
+                SourceEvent::Apply { origin, object } => {
+                    applied.push((object_ref(&object), origin))
+                }
+                SourceEvent::Invalid { origin, reason } => invalid.push((origin, reason)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        applied.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            applied,
+            vec![
+                (r(Kind::Service, "prod", "web"), Origin::File(a.clone())),
+                (
+                    r(Kind::EndpointSlice, "prod", "web-1"),
+                    Origin::File(a.clone())
+                ),
+                (r(Kind::Node, "", "node-a"), Origin::File(b.clone())),
+            ]
+        );
+        assert_eq!(invalid.len(), 1, "{invalid:?}");
+        assert_eq!(invalid[0].0, Origin::File(dir.join("c.yaml")));
+        assert!(invalid[0].1.contains("document 1"), "{invalid:?}");
+
+        // Edit in place: only the changed object is re-sent.
+        std::fs::write(&a, format!("{}---\n{}", svc("web", 81), eps("web-1"))).unwrap();
+        assert_eq!(port_of(&next(&mut rx).await), 81);
+
+        // Remove an object from the file: Delete.
+        std::fs::write(&a, svc("web", 81)).unwrap();
+        match next(&mut rx).await {
+            SourceEvent::Delete { object, origin } => {
+                assert_eq!(object, r(Kind::EndpointSlice, "prod", "web-1"));
+                assert_eq!(origin, Origin::File(a.clone()));
+            }
+            other => panic!("expected Delete, got {other:?}"),
+        }
+
+        // Atomic rename-over write.
+        write_atomic(&a, &svc("web", 82));
+        let ev = next(&mut rx).await;
+        assert_eq!(port_of(&ev), 82);
+        assert_eq!(file_of(&ev), a);
+
+        // A garbage file: Invalid for it, nothing else changes.
+        std::fs::write(dir.join("d.yaml"), "\t: : [\n").unwrap();
+        let ev = next(&mut rx).await;
+        assert!(matches!(ev, SourceEvent::Invalid { .. }), "{ev:?}");
+        assert_eq!(file_of(&ev), dir.join("d.yaml"));
+
+        // A second file defines the same Service: it was read last, so it wins; deleting it
+        // brings back a.yaml's version.
+        let e = dir.join("e.yaml");
+        std::fs::write(&e, svc("web", 90)).unwrap();
+        let ev = next(&mut rx).await;
+        assert_eq!((port_of(&ev), file_of(&ev)), (90, e.clone()));
+        std::fs::remove_file(&e).unwrap();
+        let ev = next(&mut rx).await;
+        assert_eq!((port_of(&ev), file_of(&ev)), (82, a.clone()));
+
+        // Delete a file: its objects are deleted.
+        std::fs::remove_file(&b).unwrap();
+        match next(&mut rx).await {
+            SourceEvent::Delete { object, .. } => assert_eq!(object, r(Kind::Node, "", "node-a")),
+            other => panic!("expected Delete, got {other:?}"),
+        }
+
+        // The directory itself is replaced: the new content is read and the new directory is
+        // watched.
+        let new = tmp.path().join("manifests.new");
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(new.join("a.yaml"), svc("web", 83)).unwrap();
+        std::fs::rename(&dir, tmp.path().join("manifests.old")).unwrap();
+        std::fs::rename(&new, &dir).unwrap();
+        let mut seen_apply = false;
+        // d.yaml (garbage) is not in the new directory: nothing to report for it; the
+        // Service changes. If the rescan ran while the directory was briefly absent, the
+        // Service was deleted (and a directory-unreadable Invalid sent) before coming back.
+        while !seen_apply {
+            match next(&mut rx).await {
+                ev @ SourceEvent::Apply { .. } => {
+                    assert_eq!(port_of(&ev), 83);
+                    seen_apply = true;
+                }
+                // The rename may be seen while the directory is briefly absent.
+                SourceEvent::Invalid { .. } => {}
+                SourceEvent::Delete { object, .. } => {
+                    assert_eq!(object, r(Kind::Service, "prod", "web"));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        std::fs::write(dir.join("n.json"), NODE_JSON).unwrap();
+        match next(&mut rx).await {
+            SourceEvent::Apply { object, origin } => {
+                assert_eq!(object_ref(&object), r(Kind::Node, "", "node-a"));
+                assert_eq!(origin, Origin::File(dir.join("n.json")));
+            }
+            other => panic!("expected Apply, got {other:?}"),
+        }
+
+        // Closing the receiver ends the source.
+        drop(rx);
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("source did not stop after the receiver was dropped")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn missing_directory_is_an_error_at_startup() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(1);
+        let err = run(tmp.path().join("nope"), tx).await.unwrap_err();
+        assert!(format!("{err:#}").contains("nope"), "{err:#}");
+    }
+
+    #[test]
+    fn unchanged_rescan_sends_nothing_and_read_errors_are_reported() {
+        let dir = PathBuf::from("/m");
+        let mut st = DirState::new(dir.clone());
+        let listing = || {
+            Ok(vec![
+                (dir.join("a.yaml"), Ok(svc("web", 80).into_bytes())),
+                (dir.join("b.yaml"), Err("permission denied".to_owned())),
+            ])
+        };
+        let first = st.apply_listing(listing());
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert!(st.apply_listing(listing()).is_empty());
+        // The directory disappears: everything is deleted, reported once.
+        let gone = st.apply_listing(Err(std::io::Error::from(ErrorKind::NotFound)));
+        assert_eq!(gone.len(), 2, "{gone:?}");
+        assert!(matches!(gone[1], SourceEvent::Delete { .. }));
+        assert!(
+            st.apply_listing(Err(std::io::Error::from(ErrorKind::NotFound)))
+                .is_empty()
+        );
+    }
+}

@@ -124,4 +124,69 @@ mod tests {
             .unwrap()
             .unwrap();
     }
+
+    /// In a private network namespace (unshare(CLONE_NEWNET) on a dedicated thread, so only
+    /// that thread moves and the namespace disappears with it): adding an address is seen.
+    #[test]
+    fn address_change_is_sent() {
+        let handle = std::thread::spawn(|| {
+            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+                eprintln!(
+                    "skipping address_change_is_sent: cannot unshare a netns ({e}); needs root"
+                );
+                return;
+            }
+            let ip = |args: &[&str]| {
+                // Forked from this thread, so `ip` runs in the private namespace.
+                let out = std::process::Command::new("ip").args(args).output();
+                match out {
+                    Ok(o) if o.status.success() => true,
+                    Ok(o) => panic!("ip {args:?}: {}", String::from_utf8_lossy(&o.stderr)),
+                    Err(e) => {
+                        eprintln!("skipping address_change_is_sent: ip: {e}");
+                        false
+                    }
+                }
+            };
+            // A current-thread runtime keeps `run` (and its getifaddrs calls) on this thread.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let (tx, mut rx) = mpsc::channel(4);
+                let task = tokio::spawn(run(tx));
+                let recv = async |rx: &mut mpsc::Receiver<SourceEvent>| match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    rx.recv(),
+                )
+                .await
+                {
+                    Ok(Some(SourceEvent::LocalAddresses(a))) => a,
+                    other => panic!("expected LocalAddresses, got {other:?}"),
+                };
+                // A fresh namespace: lo is down and has no address.
+                assert_eq!(recv(&mut rx).await, Vec::<IpAddr>::new());
+                if !ip(&["link", "set", "lo", "up"]) {
+                    return;
+                }
+                let up = recv(&mut rx).await;
+                assert!(up.contains(&IpAddr::from([127, 0, 0, 1])), "{up:?}");
+                ip(&["addr", "add", "192.0.2.7/24", "dev", "lo"]);
+                let mut added = recv(&mut rx).await;
+                // lo up and the address add may land in one poll or two.
+                if !added.contains(&IpAddr::from([192, 0, 2, 7])) {
+                    added = recv(&mut rx).await;
+                }
+                assert!(added.contains(&IpAddr::from([192, 0, 2, 7])), "{added:?}");
+                drop(rx);
+                tokio::time::timeout(Duration::from_secs(5), task)
+                    .await
+                    .expect("did not stop")
+                    .unwrap()
+                    .unwrap();
+            });
+        });
+        handle.join().expect("netns test thread panicked");
+    }
 }

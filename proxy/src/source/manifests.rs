@@ -181,6 +181,9 @@ impl DirWatch {
     }
 }
 
+/// The manifest files of a directory: path and bytes, or why the file could not be read.
+type Listing = Vec<(PathBuf, Result<Vec<u8>, String>)>;
+
 /// What one file last contributed.
 struct FileState {
     /// The bytes read, or why reading failed.
@@ -230,10 +233,7 @@ impl DirState {
     }
 
     /// Fold a directory listing into the state (pure apart from logging).
-    fn apply_listing(
-        &mut self,
-        listing: std::io::Result<Vec<(PathBuf, Result<Vec<u8>, String>)>>,
-    ) -> Vec<SourceEvent> {
+    fn apply_listing(&mut self, listing: std::io::Result<Listing>) -> Vec<SourceEvent> {
         let mut events = Vec::new();
         let listing = match listing {
             Ok(l) => {
@@ -368,7 +368,7 @@ impl DirState {
 
 /// The manifest files directly in `dir` (symlinks followed, so ConfigMap volumes work) and
 /// their bytes, sorted by path so the initial "read last" order is deterministic.
-fn read_manifests(dir: &Path) -> std::io::Result<Vec<(PathBuf, Result<Vec<u8>, String>)>> {
+fn read_manifests(dir: &Path) -> std::io::Result<Listing> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = match entry {

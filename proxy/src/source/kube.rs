@@ -14,9 +14,13 @@
 //! A relist (`Init` … `InitDone`, after a 410 or at start) replaces what was known of a kind:
 //! objects not listed again are sent as `Delete`; objects listed again with an unchanged
 //! resourceVersion are not re-sent. `Synced` is sent once, when all four initial lists are
-//! complete (kube-proxy waits for the informers' `HasSynced` the same way before its first
-//! sync). Errors are logged and retried with the watcher's default backoff; the loop only ends
-//! when the receiver is dropped.
+//! complete. kube-proxy's proxier only gates its first sync on Services and EndpointSlices
+//! (pkg/proxy/nftables/proxier.go: `OnServiceSynced`/`OnEndpointSlicesSynced` call
+//! `setInitialized` once both informers have synced);
+//! shunt also waits for ServiceCIDRs and the Node so that the first ruleset already has the
+//! service-CIDR drop rules and the node's topology labels instead of being corrected one sync
+//! later. Errors are logged and retried with the watcher's default backoff; the loop only
+//! ends when the receiver is dropped.
 use std::collections::{HashMap, HashSet};
 
 use futures::{Stream, StreamExt};

@@ -230,3 +230,41 @@ async fn watches_follow_the_api() {
         .unwrap()
         .unwrap();
 }
+
+/// kube-rs lists in pages of 500 (client-go's pager default): a large initial list arrives
+/// complete before Synced.
+#[tokio::test]
+async fn paginated_initial_list() {
+    let api = ApiServer::start().await;
+    const N: usize = 1203;
+    for i in 0..N {
+        api.upsert(service(&format!("svc-{i:04}"), 80, json!({})));
+    }
+    let (tx, mut rx) = mpsc::channel(64);
+    let task = tokio::spawn(shunt::source::kube::run(
+        api.client(),
+        "node-a".to_owned(),
+        tx,
+    ));
+    let mut seen = BTreeSet::new();
+    loop {
+        match next(&mut rx).await {
+            SourceEvent::Synced => break,
+            ev => {
+                seen.insert(ref_of(&expect_apply(ev)));
+            }
+        }
+    }
+    assert_eq!(seen.len(), N);
+    assert_eq!(
+        api.with(|s| s.list_requests(Res::Services)),
+        3,
+        "3 pages of 500"
+    );
+    drop(rx);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -608,6 +608,40 @@ mod tests {
             .unwrap();
     }
 
+    /// A ConfigMap volume: files are symlinks through `..data`, which the kubelet swaps
+    /// atomically to a new timestamped directory (pkg/volume/util/atomic_writer.go). Only
+    /// dot-named entries change, yet the visible manifest's content does.
+    #[tokio::test]
+    async fn configmap_volume_symlink_swap() {
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir(dir.join("..v1")).unwrap();
+        std::fs::write(dir.join("..v1/svc.yaml"), svc("web", 80)).unwrap();
+        symlink("..v1", dir.join("..data")).unwrap();
+        symlink("..data/svc.yaml", dir.join("svc.yaml")).unwrap();
+
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(run(dir.to_path_buf(), tx));
+        assert_eq!(port_of(&next(&mut rx).await), 80);
+        assert!(matches!(next(&mut rx).await, SourceEvent::Synced));
+
+        std::fs::create_dir(dir.join("..v2")).unwrap();
+        std::fs::write(dir.join("..v2/svc.yaml"), svc("web", 81)).unwrap();
+        symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        let ev = next(&mut rx).await;
+        assert_eq!(port_of(&ev), 81);
+        assert_eq!(file_of(&ev), dir.join("svc.yaml"));
+
+        drop(rx);
+        tokio::time::timeout(WAIT, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn missing_directory_is_an_error_at_startup() {
         let tmp = tempfile::tempdir().unwrap();

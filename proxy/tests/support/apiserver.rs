@@ -14,6 +14,7 @@
 //!   start of a watch and whenever a change is filtered out for that watcher;
 //! * a watch from a resourceVersion older than the compacted history gets an ERROR event with
 //!   a Status of code 410 (reason Expired) and the stream ends, as the real server answers;
+//! * `limit`/`continue` paginate lists;
 //! * `timeoutSeconds` ends the watch.
 //!
 //! Test hooks mutate objects, compact history and drop all open watches, optionally all in one
@@ -424,11 +425,46 @@ async fn handle(
                 o
             })
             .collect();
+        // Pagination: `limit` and an opaque `continue` token. The token pins the
+        // resourceVersion of the first page, as the real server's snapshot reads do; the double
+        // keeps no snapshots, so a change between pages answers 410 Expired, like a continue
+        // token whose revision was compacted.
+        let offset = match q.get("continue").filter(|c| !c.is_empty()) {
+            None => 0,
+            Some(token) => {
+                let parsed = token.split_once(':').and_then(|(rv, off)| {
+                    Some((rv.parse::<u64>().ok()?, off.parse::<usize>().ok()?))
+                });
+                match parsed {
+                    Some((rv, off)) if rv == store.rv => off,
+                    _ => {
+                        return (
+                            StatusCode::GONE,
+                            axum::Json(status(410, "Expired", "continue token expired")),
+                        )
+                            .into_response();
+                    }
+                }
+            }
+        };
+        let limit = q
+            .get("limit")
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
+        let total = items.len();
+        let page: Vec<Value> = items.into_iter().skip(offset).take(limit).collect();
+        let next = offset.saturating_add(page.len());
+        let mut metadata = json!({"resourceVersion": store.rv.to_string()});
+        if next < total {
+            metadata["continue"] = json!(format!("{}:{next}", store.rv));
+            metadata["remainingItemCount"] = json!(total - next);
+        }
         let body = json!({
             "apiVersion": res.api_version(),
             "kind": format!("{}List", res.kind()),
-            "metadata": {"resourceVersion": store.rv.to_string()},
-            "items": items,
+            "metadata": metadata,
+            "items": page,
         });
         return axum::Json(body).into_response();
     }

@@ -3,6 +3,7 @@
 pub mod addresses;
 pub mod kube;
 pub mod manifests;
+mod object;
 
 use std::net::IpAddr;
 use std::path::PathBuf;

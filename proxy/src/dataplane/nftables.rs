@@ -251,11 +251,17 @@ impl Dataplane for NftablesDataplane {
         "nftables"
     }
     fn sync(&mut self, request: SyncRequest<'_>) -> Result<SyncOutcome, DataplaneError> {
-        // Assume the worst until the transaction went through: the next sync is full.
-        self.needs_full = true;
-        let out = self.sync_inner(request)?;
-        self.needs_full = false;
-        Ok(out)
+        match self.sync_inner(request) {
+            Ok(out) => {
+                self.needs_full = false;
+                Ok(out)
+            }
+            Err(e) => {
+                // The kernel may hold anything now: the next sync rewrites everything.
+                self.needs_full = true;
+                Err(e)
+            }
+        }
     }
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         let ours = self.existing_tables()?;
@@ -339,4 +345,332 @@ pub(crate) fn run(argv: &[String], stdin: Option<&[u8]>) -> Result<String, Datap
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    //! Root test: programs a network namespace of its own through `ip netns exec`.
+    use std::collections::BTreeSet;
+    use std::process::Command;
+
+    use super::*;
+    use crate::model::{Protocol, ServiceKey};
+    use crate::plan::nft::fixtures::*;
+    use crate::plan::nft::names;
+
+    struct Netns(String);
+
+    impl Netns {
+        fn exec(&self, args: &[&str]) -> Result<String, DataplaneError> {
+            let mut argv: Vec<String> = ["ip", "netns", "exec", &self.0]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            argv.extend(args.iter().map(|s| s.to_string()));
+            run(&argv, None)
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            // Always remove the namespace, also when the test failed.
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn tool_missing(tool: &str) -> bool {
+        Command::new(tool).arg("--version").output().is_err()
+    }
+
+    fn skip_reason() -> Option<String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Some("not root".to_string());
+        }
+        for tool in ["ip", "nft", "conntrack"] {
+            if tool_missing(tool) {
+                return Some(format!("{tool} not installed"));
+            }
+        }
+        None
+    }
+
+    fn v4_snapshot(svc2_eps: Vec<crate::model::Endpoint>) -> Snapshot {
+        let mut p1 = port("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80);
+        p1.node_port = Some(3001);
+        p1.load_balancer_ips = vec![ip("198.51.100.4")];
+        p1.load_balancer_source_ranges = vec![net("203.0.113.0/25")];
+        p1.external_policy_local = true;
+        let mut p2 = port("ns2", "svc2", "dns", Protocol::Udp, "172.30.0.42", 53);
+        p2.affinity_timeout_seconds = Some(10800);
+        let p3 = port("ns3", "svc3", "", Protocol::Tcp, "172.30.0.43", 80);
+        snapshot(
+            v4_network(),
+            vec![
+                state(
+                    p1,
+                    vec![ep("10.180.0.1", 80, Some(NODE)), ep("10.180.2.1", 80, None)],
+                ),
+                state(p2, svc2_eps),
+                state(p3, vec![]),
+            ],
+        )
+    }
+
+    fn v6_snapshot() -> Snapshot {
+        let mut net6 = network(
+            IpFamily::V6,
+            &["2001:db8::1"],
+            &["fd00:10::/64"],
+            &["fd00:10:96::/112"],
+        );
+        net6.node_port_ips = crate::model::NodePortIps::AllLocal;
+        let mut p = port("ns1", "svc1", "p80", Protocol::Tcp, "fd00:10:96::41", 80);
+        p.node_port = Some(3001);
+        snapshot(
+            net6,
+            vec![state(p, vec![ep("fd00:10:180::1", 80, Some(NODE))])],
+        )
+    }
+
+    fn changed(names: &[(&str, &str)]) -> Changed {
+        Changed::Services(
+            names
+                .iter()
+                .map(|(ns, n)| ServiceKey {
+                    namespace: ns.to_string(),
+                    name: n.to_string(),
+                })
+                .collect(),
+        )
+    }
+
+    fn table_names(ruleset: &str) -> BTreeSet<String> {
+        ruleset
+            .lines()
+            .filter_map(|l| l.strip_prefix("table "))
+            .map(|l| l.trim_end_matches(" {").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn programs_a_namespace_atomically_partially_and_cleans_up() {
+        if let Some(why) = skip_reason() {
+            eprintln!("skipping root nftables test: {why}");
+            return;
+        }
+        let ns = Netns(format!("shunt-nft-test-{}", std::process::id()));
+        let st = Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns add {}", ns.0);
+        ns.exec(&["nft", "add table inet foreign; add chain inet foreign keep { type filter hook input priority 0; }"])
+            .unwrap();
+
+        let prefix: Vec<String> = ["ip", "netns", "exec", &ns.0]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut dp = NftablesDataplane::with_command(prefix.clone()).unwrap();
+
+        // 1. Full sync of both families.
+        let eps_a = vec![ep("10.180.0.5", 53, Some(NODE)), ep("10.180.0.6", 53, None)];
+        let snaps = vec![v4_snapshot(eps_a.clone()), v6_snapshot()];
+        let out = dp
+            .sync(SyncRequest {
+                snapshots: &snaps,
+                changed: &Changed::Services(BTreeSet::new()),
+            })
+            .unwrap();
+        assert!(out.full, "first sync must be full");
+        assert_eq!(out.rules_total.len(), 2);
+        let v4 = dp
+            .read_table(IpFamily::V4)
+            .unwrap()
+            .expect("ip shunt exists");
+        let v6 = dp
+            .read_table(IpFamily::V6)
+            .unwrap()
+            .expect("ip6 shunt exists");
+        let want4 = nft::ruleset(&snaps[0]);
+        let want_chains: BTreeSet<String> = want4.chains().map(|c| c.name.clone()).collect();
+        assert_eq!(
+            v4.chains.keys().cloned().collect::<BTreeSet<_>>(),
+            want_chains
+        );
+        for c in want4.chains() {
+            assert_eq!(
+                v4.chains[&c.name].len(),
+                c.rules.len(),
+                "rules of {}",
+                c.name
+            );
+        }
+        assert_eq!(v4.sets[names::SERVICE_IPS].verdict_map, true);
+        let svc2 = snaps[0]
+            .services
+            .keys()
+            .find(|n| n.service.name == "svc2")
+            .unwrap()
+            .clone();
+        let aff = names::affinity_set(&svc2, &eps_a[0]);
+        assert_eq!(v4.sets[&aff].timeout_seconds, Some(10800));
+        assert!(v6.chains.keys().any(|c| c.starts_with("service-")));
+        // Elements: svc1 ClusterIP + LB IP + svc2 ClusterIP in service-ips; svc3 rejects.
+        assert_eq!(
+            v4.elements[names::SERVICE_IPS].len(),
+            3,
+            "{:?}",
+            v4.elements[names::SERVICE_IPS]
+        );
+        assert_eq!(v4.elements[names::NO_ENDPOINT_SERVICES].len(), 1);
+        assert_eq!(v4.elements[names::FIREWALL_IPS].len(), 1);
+
+        // 2. Partial sync: svc2 loses 10.180.0.5 and gains 10.180.0.7. A UDP flow DNATed to
+        // the lost endpoint must be deleted.
+        ns.exec(&[
+            "conntrack",
+            "-I",
+            "-p",
+            "udp",
+            "-s",
+            "10.0.0.2",
+            "-d",
+            "172.30.0.42",
+            "--sport",
+            "40000",
+            "--dport",
+            "53",
+            "-r",
+            "10.180.0.5",
+            "-q",
+            "10.0.0.2",
+            "--reply-port-src",
+            "53",
+            "--reply-port-dst",
+            "40000",
+            "--timeout",
+            "120",
+        ])
+        .unwrap();
+        let eps_b = vec![ep("10.180.0.6", 53, None), ep("10.180.0.7", 53, None)];
+        let snaps2 = vec![v4_snapshot(eps_b.clone()), v6_snapshot()];
+        let out = dp
+            .sync(SyncRequest {
+                snapshots: &snaps2,
+                changed: &changed(&[("ns2", "svc2")]),
+            })
+            .unwrap();
+        assert!(!out.full, "a listed change must be a partial sync");
+        assert_eq!(out.conntrack_deleted, 1);
+        let after = dp.read_table(IpFamily::V4).unwrap().unwrap();
+        for (name, rules) in &v4.chains {
+            let mine = name.contains("ns2/svc2");
+            match after.chains.get(name) {
+                Some(now) if !mine => {
+                    assert_eq!(now, rules, "untouched chain {name} was rewritten")
+                }
+                Some(now) => assert_ne!(
+                    now.iter().map(|r| r.handle).collect::<Vec<_>>(),
+                    rules.iter().map(|r| r.handle).collect::<Vec<_>>(),
+                    "svc2 chain {name} was not rewritten"
+                ),
+                None => assert!(mine, "chain {name} disappeared"),
+            }
+        }
+        let gone = names::endpoint_chain(&svc2, &eps_a[0]);
+        let new = names::endpoint_chain(&svc2, &eps_b[1]);
+        assert!(!after.chains.contains_key(&gone) && after.chains.contains_key(&new));
+        assert!(!after.sets.contains_key(&aff));
+        let fixed = |t: &TableState| -> BTreeMap<String, Vec<Value>> {
+            t.elements
+                .iter()
+                .filter(|(n, _)| !n.starts_with(names::AFFINITY_PREFIX))
+                .map(|(n, e)| (n.clone(), e.clone()))
+                .collect()
+        };
+        assert_eq!(fixed(&after), fixed(&v4), "no map element needed to change");
+        assert_eq!(
+            dp.read_table(IpFamily::V6).unwrap().unwrap(),
+            v6,
+            "ip6 table untouched"
+        );
+
+        // 3. Only our tables and the foreign one exist.
+        let listing = ns.exec(&["nft", "list", "ruleset"]).unwrap();
+        assert_eq!(
+            table_names(&listing),
+            BTreeSet::from([
+                "inet foreign".to_string(),
+                "ip shunt".to_string(),
+                "ip6 shunt".to_string()
+            ])
+        );
+
+        // 4. Someone removes a chain behind our back: the partial sync that needs it fails
+        // with nft's words, and the next one is full and repairs the table.
+        let sabotaged = names::endpoint_chain(&svc2, &eps_b[0]);
+        ns.exec(&[
+            "nft",
+            &format!("flush chain ip shunt {}", names::cluster_chain(&svc2)),
+        ])
+        .unwrap();
+        ns.exec(&["nft", &format!("delete chain ip shunt {sabotaged}")])
+            .unwrap();
+        let eps_c = vec![ep("10.180.0.7", 53, None)];
+        let snaps3 = vec![v4_snapshot(eps_c), v6_snapshot()];
+        let err = dp
+            .sync(SyncRequest {
+                snapshots: &snaps3,
+                changed: &changed(&[("ns2", "svc2")]),
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, DataplaneError::Tool { ref stderr, .. } if !stderr.is_empty()),
+            "{err}"
+        );
+        let out = dp
+            .sync(SyncRequest {
+                snapshots: &snaps3,
+                changed: &changed(&[("ns2", "svc2")]),
+            })
+            .unwrap();
+        assert!(out.full, "the sync after a failure must be full");
+        let repaired = dp.read_table(IpFamily::V4).unwrap().unwrap();
+        let want = nft::ruleset(&snaps3[0]);
+        assert_eq!(
+            repaired.chains.keys().cloned().collect::<BTreeSet<_>>(),
+            want.chains()
+                .map(|c| c.name.clone())
+                .collect::<BTreeSet<_>>()
+        );
+        assert_eq!(repaired.chains[names::SERVICES].len(), 2);
+
+        // 5. A restarted backend remembers nothing: its first sync is full and replaces the
+        // content in place (no table deletion: the foreign table and ours stay).
+        let mut dp2 = NftablesDataplane::with_command(prefix).unwrap();
+        let out = dp2
+            .sync(SyncRequest {
+                snapshots: &snaps3,
+                changed: &changed(&[("ns2", "svc2")]),
+            })
+            .unwrap();
+        assert!(out.full);
+        let again = dp2.read_table(IpFamily::V4).unwrap().unwrap();
+        assert_eq!(
+            again.chains.keys().collect::<Vec<_>>(),
+            repaired.chains.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(again.elements, repaired.elements);
+
+        // 6. Cleanup removes exactly our tables, and is fine when they are gone.
+        dp2.cleanup().unwrap();
+        let listing = ns.exec(&["nft", "list", "ruleset"]).unwrap();
+        assert_eq!(
+            table_names(&listing),
+            BTreeSet::from(["inet foreign".to_string()])
+        );
+        dp2.cleanup().unwrap();
+        assert!(dp2.existing_tables().unwrap().is_empty());
+    }
 }

@@ -129,9 +129,16 @@ pub fn full(
                     verdict_map: kernel.sets[&s.name].verdict_map,
                 });
             }
-            ops.push(Op::AddSet(s.clone()));
             if s.timeout_seconds.is_none() {
+                ops.push(Op::AddSet(s.clone()));
                 ops.push(Op::FlushSet(s.clone()));
+            } else if set_changed(kernel.sets.get(&s.name), s) || !kernel.sets.contains_key(&s.name)
+            {
+                // Affinity sets are only added when missing: their entries are live client
+                // state, and once a rule `update`s a set the kernel marks it dynamic, so
+                // re-adding it without that flag fails with EEXIST (nft 1.0.6's JSON parser
+                // does not accept the flag).
+                ops.push(Op::AddSet(s.clone()));
             }
         }
         for c in rs.chains() {

@@ -104,17 +104,17 @@ impl NftablesDataplane {
         let out = run(&self.nft_args(&["-j", "list", "tables"]), None)?;
         let mut found = BTreeSet::new();
         for item in parse_items(&out)? {
-            if let Some(t) = item.get("table") {
-                if t.get("name").and_then(Value::as_str) == Some(TABLE) {
-                    match t.get("family").and_then(Value::as_str) {
-                        Some("ip") => {
-                            found.insert(IpFamily::V4);
-                        }
-                        Some("ip6") => {
-                            found.insert(IpFamily::V6);
-                        }
-                        _ => {}
+            if let Some(t) = item.get("table")
+                && t.get("name").and_then(Value::as_str) == Some(TABLE)
+            {
+                match t.get("family").and_then(Value::as_str) {
+                    Some("ip") => {
+                        found.insert(IpFamily::V4);
                     }
+                    Some("ip6") => {
+                        found.insert(IpFamily::V6);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -394,7 +394,10 @@ mod tests {
         None
     }
 
-    fn v4_snapshot(svc2_eps: Vec<crate::model::Endpoint>) -> Snapshot {
+    fn v4_snapshot(
+        svc2_eps: Vec<crate::model::Endpoint>,
+        svc3_eps: Vec<crate::model::Endpoint>,
+    ) -> Snapshot {
         let mut p1 = port("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80);
         p1.node_port = Some(3001);
         p1.load_balancer_ips = vec![ip("198.51.100.4")];
@@ -411,7 +414,7 @@ mod tests {
                     vec![ep("10.180.0.1", 80, Some(NODE)), ep("10.180.2.1", 80, None)],
                 ),
                 state(p2, svc2_eps),
-                state(p3, vec![]),
+                state(p3, svc3_eps),
             ],
         )
     }
@@ -475,7 +478,7 @@ mod tests {
 
         // 1. Full sync of both families.
         let eps_a = vec![ep("10.180.0.5", 53, Some(NODE)), ep("10.180.0.6", 53, None)];
-        let snaps = vec![v4_snapshot(eps_a.clone()), v6_snapshot()];
+        let snaps = vec![v4_snapshot(eps_a.clone(), vec![]), v6_snapshot()];
         let out = dp
             .sync(SyncRequest {
                 snapshots: &snaps,
@@ -506,7 +509,7 @@ mod tests {
                 c.name
             );
         }
-        assert_eq!(v4.sets[names::SERVICE_IPS].verdict_map, true);
+        assert!(v4.sets[names::SERVICE_IPS].verdict_map);
         let svc2 = snaps[0]
             .services
             .keys()
@@ -554,7 +557,7 @@ mod tests {
         ])
         .unwrap();
         let eps_b = vec![ep("10.180.0.6", 53, None), ep("10.180.0.7", 53, None)];
-        let snaps2 = vec![v4_snapshot(eps_b.clone()), v6_snapshot()];
+        let snaps2 = vec![v4_snapshot(eps_b.clone(), vec![]), v6_snapshot()];
         let out = dp
             .sync(SyncRequest {
                 snapshots: &snaps2,
@@ -607,6 +610,26 @@ mod tests {
             ])
         );
 
+        // 3b. svc3 gets its first endpoint: its ClusterIP moves from no-endpoint-services to
+        // service-ips, in a partial sync touching nothing else.
+        let snaps_b3 = vec![
+            v4_snapshot(eps_b.clone(), vec![ep("10.180.0.9", 80, None)]),
+            v6_snapshot(),
+        ];
+        let out = dp
+            .sync(SyncRequest {
+                snapshots: &snaps_b3,
+                changed: &changed(&[("ns3", "svc3")]),
+            })
+            .unwrap();
+        assert!(!out.full);
+        let b3 = dp.read_table(IpFamily::V4).unwrap().unwrap();
+        assert!(b3.elements[names::NO_ENDPOINT_SERVICES].is_empty());
+        assert_eq!(b3.elements[names::SERVICE_IPS].len(), 4);
+        for (name, rules) in &after.chains {
+            assert_eq!(b3.chains.get(name), Some(rules), "chain {name} changed");
+        }
+
         // 4. Someone removes a chain behind our back: the partial sync that needs it fails
         // with nft's words, and the next one is full and repairs the table.
         let sabotaged = names::endpoint_chain(&svc2, &eps_b[0]);
@@ -618,7 +641,10 @@ mod tests {
         ns.exec(&["nft", &format!("delete chain ip shunt {sabotaged}")])
             .unwrap();
         let eps_c = vec![ep("10.180.0.7", 53, None)];
-        let snaps3 = vec![v4_snapshot(eps_c), v6_snapshot()];
+        let snaps3 = vec![
+            v4_snapshot(eps_c, vec![ep("10.180.0.9", 80, None)]),
+            v6_snapshot(),
+        ];
         let err = dp
             .sync(SyncRequest {
                 snapshots: &snaps3,

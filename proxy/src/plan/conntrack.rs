@@ -102,3 +102,99 @@ pub fn stale_udp(prev: Option<&Snapshot>, new: &Snapshot) -> Vec<ConntrackFilter
     }
     out.into_iter().collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ConntrackFilter::*;
+    use super::*;
+    use crate::model::Endpoint;
+    use crate::plan::nft::fixtures::*;
+
+    fn udp_snapshot(eps: Vec<Endpoint>) -> Snapshot {
+        let mut p = port("ns1", "dns", "dns", Protocol::Udp, "172.30.0.10", 53);
+        p.node_port = Some(3053);
+        p.external_ips = vec![ip("192.168.99.11")];
+        p.load_balancer_ips = vec![ip("198.51.100.4")];
+        let tcp = port("ns1", "dns", "dns-tcp", Protocol::Tcp, "172.30.0.10", 53);
+        let tcp_eps = eps.clone();
+        snapshot(v4_network(), vec![state(p, eps), state(tcp, tcp_eps)])
+    }
+
+    #[test]
+    fn removed_or_unserving_udp_endpoint_loses_its_nat_flows() {
+        let before = udp_snapshot(vec![ep("10.180.0.1", 53, None), ep("10.180.0.2", 53, None)]);
+        let after = udp_snapshot(vec![ep("10.180.0.2", 53, None)]);
+        let gone = ip("10.180.0.1");
+        let want = vec![
+            Nat {
+                orig_dst: ip("172.30.0.10"),
+                reply_src: gone,
+            },
+            Nat {
+                orig_dst: ip("192.168.99.11"),
+                reply_src: gone,
+            },
+            Nat {
+                orig_dst: ip("198.51.100.4"),
+                reply_src: gone,
+            },
+            PortNat {
+                family: IpFamily::V4,
+                port: 3053,
+                reply_src: gone,
+            },
+        ];
+        let mut got = stale_udp(Some(&before), &after);
+        got.sort();
+        let mut w = want.clone();
+        w.sort();
+        assert_eq!(got, w);
+
+        // Still listed but no longer serving counts as gone.
+        let mut unserving = before.clone();
+        for s in unserving.services.values_mut() {
+            s.endpoints[0].serving = false;
+            s.endpoints[0].ready = false;
+        }
+        let mut got = stale_udp(Some(&before), &unserving);
+        got.sort();
+        assert_eq!(got, w);
+        // The TCP port of the same Service never produces anything.
+        assert!(got.iter().all(|f| !matches!(f, OrigDstPort(_, 53))));
+    }
+
+    #[test]
+    fn udp_service_gaining_its_first_endpoint_flushes_its_addresses() {
+        let before = udp_snapshot(vec![]);
+        let after = udp_snapshot(vec![ep("10.180.0.1", 53, None)]);
+        let want = vec![
+            OrigDst(ip("172.30.0.10")),
+            OrigDst(ip("192.168.99.11")),
+            OrigDst(ip("198.51.100.4")),
+            OrigDstPort(IpFamily::V4, 3053),
+        ];
+        assert_eq!(stale_udp(Some(&before), &after), want);
+        // After a restart nothing is known, so every UDP service with endpoints is newly
+        // active (upstream starts from empty maps too).
+        assert_eq!(stale_udp(None, &after), want);
+        // Nothing changed: nothing to delete.
+        assert!(stale_udp(Some(&after), &after).is_empty());
+        // Losing every endpoint: flows to the last one are deleted; nothing else.
+        let lost = stale_udp(Some(&after), &before);
+        assert!(
+            lost.iter()
+                .all(|f| matches!(f, Nat { .. } | PortNat { .. }))
+                && lost.len() == 4
+        );
+    }
+
+    #[test]
+    fn deleted_udp_service_frees_its_cluster_ip() {
+        let before = udp_snapshot(vec![ep("10.180.0.1", 53, None)]);
+        let after = snapshot(v4_network(), vec![]);
+        assert_eq!(
+            stale_udp(Some(&before), &after),
+            vec![OrigDst(ip("172.30.0.10"))]
+        );
+    }
+}

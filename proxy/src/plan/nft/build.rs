@@ -614,10 +614,10 @@ pub fn service_fragment(
         let mut allow_from_node = false;
         for cidr in &port.load_balancer_source_ranges {
             sources.push(*cidr);
-            if let Some(node_ip) = net.primary_ip {
-                if cidr.contains(&node_ip) {
-                    allow_from_node = true;
-                }
+            if let Some(node_ip) = net.primary_ip
+                && cidr.contains(&node_ip)
+            {
+                allow_from_node = true;
             }
         }
         // A VIP often is also a local address: a request from this node to it then comes

@@ -277,10 +277,11 @@ fn key_value(k: &Key) -> Expression<'static> {
     }
 }
 
-fn element(f: IpFamily, e: &Element) -> NfListObject<'static> {
-    let item = match &e.value {
-        None => key_value(&e.key),
-        Some(v) => Expression::List(vec![key_value(&e.key), verdict_expr(v)]),
+/// An element; `with_value` false gives the key alone, which is all a deletion needs.
+fn element(f: IpFamily, e: &Element, with_value: bool) -> NfListObject<'static> {
+    let item = match (&e.value, with_value) {
+        (Some(v), true) => Expression::List(vec![key_value(&e.key), verdict_expr(v)]),
+        _ => key_value(&e.key),
     };
     NfListObject::Element(schema::Element {
         family: nf_family(f),
@@ -385,8 +386,8 @@ pub fn to_json(tx: &Transaction) -> Value {
                     let key = if *verdict_map { "map" } else { "set" };
                     json!({ "delete": { key: { "family": f.nft(), "table": TABLE, "name": name } } })
                 }
-                Op::AddElement(e) => cmd(NfCmd::Add(element(f, e))),
-                Op::DeleteElement(e) => cmd(NfCmd::Delete(element(f, e))),
+                Op::AddElement(e) => cmd(NfCmd::Add(element(f, e, true))),
+                Op::DeleteElement(e) => cmd(NfCmd::Delete(element(f, e, false))),
             });
         }
     }

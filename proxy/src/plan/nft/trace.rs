@@ -210,25 +210,22 @@ impl<'a> Run<'a> {
         if let Some(f) = self.base(pre_nat, p) {
             return f;
         }
-        if local_src {
-            if let Some(f) = self.base(FILTER_OUTPUT_POST_DNAT, p) {
-                return f;
-            }
+        if local_src && let Some(f) = self.base(FILTER_OUTPUT_POST_DNAT, p) {
+            return f;
         }
         let dst = self.dnat.map_or(p.dst, |d| d.ip());
         let to_local = self.node_ips.contains(&dst);
-        if !local_src && !to_local {
-            if let Some(f) = self.base(FILTER_FORWARD, p) {
-                return f;
-            }
+        if !local_src
+            && !to_local
+            && let Some(f) = self.base(FILTER_FORWARD, p)
+        {
+            return f;
         }
         if let Some(f) = self.base(NAT_POSTROUTING, p) {
             return f;
         }
-        if to_local {
-            if let Some(f) = self.base(FILTER_INPUT, p) {
-                return f;
-            }
+        if to_local && let Some(f) = self.base(FILTER_INPUT, p) {
+            return f;
         }
         match self.dnat {
             Some(to) => Fate::Dnat {

@@ -282,14 +282,14 @@ fn partial_family(o: &Ruleset, n: &Ruleset, touched: &[&ServicePortName]) -> Vec
         ops.push(Op::FlushChain((*name).to_string()));
     }
     for k in &touched_keys {
-        if let Some(old_value) = old_all.get(k) {
-            if new_all.get(k) != Some(old_value) {
-                ops.push(Op::DeleteElement(Element {
-                    set: k.0.clone(),
-                    key: k.1.clone(),
-                    value: old_value.clone(),
-                }));
-            }
+        if let Some(old_value) = old_all.get(k)
+            && new_all.get(k) != Some(old_value)
+        {
+            ops.push(Op::DeleteElement(Element {
+                set: k.0.clone(),
+                key: k.1.clone(),
+                value: old_value.clone(),
+            }));
         }
     }
     for (name, def) in &old_sets {
@@ -315,14 +315,14 @@ fn partial_family(o: &Ruleset, n: &Ruleset, touched: &[&ServicePortName]) -> Vec
         }
     }
     for k in &touched_keys {
-        if let Some(new_value) = new_all.get(k) {
-            if old_all.get(k) != Some(new_value) {
-                ops.push(Op::AddElement(Element {
-                    set: k.0.clone(),
-                    key: k.1.clone(),
-                    value: new_value.clone(),
-                }));
-            }
+        if let Some(new_value) = new_all.get(k)
+            && old_all.get(k) != Some(new_value)
+        {
+            ops.push(Op::AddElement(Element {
+                set: k.0.clone(),
+                key: k.1.clone(),
+                value: new_value.clone(),
+            }));
         }
     }
     for name in old_chains.difference(&new_chains) {

@@ -186,10 +186,22 @@ impl NftablesDataplane {
                 Err(why) => tracing::debug!(?why, "partial nftables sync escalated to a full one"),
             }
         }
+        // What is in our tables now: known from memory when the last sync succeeded (if
+        // someone else changed our table meanwhile, this sync fails and the next one reads
+        // back), read back from the kernel otherwise.
         let mut existing = BTreeMap::new();
-        for family in families() {
-            if let Some(t) = self.read_table(family)? {
-                existing.insert(family, t.kernel_table());
+        match (&self.programmed, self.needs_full) {
+            (Some(prev), false) => {
+                for rs in &prev.rulesets {
+                    existing.insert(rs.family, rs.kernel_table());
+                }
+            }
+            _ => {
+                for family in families() {
+                    if let Some(t) = self.read_table(family)? {
+                        existing.insert(family, t.kernel_table());
+                    }
+                }
             }
         }
         Ok(nft::tx::full(

@@ -57,6 +57,24 @@ impl Ruleset {
             .iter()
             .chain(self.services.values().flat_map(|f| f.elements.iter()))
     }
+    /// What the kernel holds once this ruleset is programmed (names of chains and sets).
+    pub fn kernel_table(&self) -> super::tx::KernelTable {
+        super::tx::KernelTable {
+            chains: self.chains().map(|c| c.name.clone()).collect(),
+            sets: self
+                .sets()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        super::tx::KernelSet {
+                            verdict_map: s.verdict_map,
+                            timeout_seconds: s.timeout_seconds,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
     /// Rules plus set/map elements: what `SyncOutcome::rules_total` reports.
     pub fn rule_count(&self) -> u64 {
         let rules: usize = self.chains().map(|c| c.rules.len()).sum();

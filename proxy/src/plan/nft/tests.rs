@@ -961,3 +961,75 @@ fn rule_count_counts_rules_and_elements() {
     assert_eq!(rs.rule_count(), (rules + elements.len()) as u64);
     assert!(rules > 20 && elements.len() >= 4);
 }
+
+#[test]
+fn full_sync_drops_the_table_of_a_family_no_longer_programmed() {
+    let rs = ruleset(&two_services(vec![]));
+    let existing = BTreeMap::from([
+        (IpFamily::V4, fresh(&rs).kernel_table()),
+        (IpFamily::V6, KernelTable::default()),
+    ]);
+    let t = tx::full(std::slice::from_ref(&rs), &existing, false);
+    assert_eq!(t.families.len(), 2);
+    assert_eq!(t.families[1].family, IpFamily::V6);
+    assert_eq!(t.families[1].ops, vec![Op::DeleteTable]);
+    // The kept family is refilled in place, never deleted.
+    assert!(!t.families[0].ops.contains(&Op::DeleteTable));
+    assert_eq!(rs.kernel_table(), fresh(&rs).kernel_table());
+}
+
+#[test]
+fn json_lowering_uses_nft_schema_and_raw_verdict_maps() {
+    use serde_json::json;
+    let rs = ruleset(&two_services(vec![ep("10.180.0.3", 53, None)]));
+    let t = tx::full(std::slice::from_ref(&rs), &BTreeMap::new(), false);
+    let doc = super::json::to_json(&t);
+    let cmds = doc["nftables"].as_array().unwrap();
+    let find = |pred: &dyn Fn(&serde_json::Value) -> bool| cmds.iter().find(|c| pred(c)).cloned();
+    // Verdict maps carry "map": "verdict" (the crate has no such type).
+    let m = find(&|c| c["add"]["map"]["name"] == SERVICE_IPS).unwrap();
+    assert_eq!(m["add"]["map"]["map"], json!("verdict"));
+    assert_eq!(
+        m["add"]["map"]["type"],
+        json!(["ipv4_addr", "inet_proto", "inet_service"])
+    );
+    // Affinity sets: only the timeout flag.
+    let a = find(&|c| {
+        c["add"]["set"]["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(AFFINITY_PREFIX))
+    })
+    .unwrap();
+    assert_eq!(a["add"]["set"]["flags"], json!(["timeout"]));
+    assert_eq!(a["add"]["set"]["timeout"], json!(60));
+    // Map elements are [key, verdict] pairs.
+    let e = find(&|c| c["add"]["element"]["name"] == SERVICE_IPS).unwrap();
+    assert_eq!(e["add"]["element"]["elem"][0][0]["concat"][1], json!("tcp"));
+    assert!(e["add"]["element"]["elem"][0][1]["goto"]["target"].is_string());
+    // Masquerade with kube-proxy's mark and fully-random.
+    let masq = find(&|c| {
+        c["add"]["rule"]["chain"] == MASQUERADING
+            && c["add"]["rule"]["expr"][0].get("masquerade").is_some()
+    })
+    .unwrap();
+    assert_eq!(
+        masq["add"]["rule"]["expr"][0]["masquerade"]["flags"],
+        json!(["fully-random"])
+    );
+    let mark = find(&|c| c["add"]["rule"]["chain"] == MARK_MASQ).unwrap();
+    assert_eq!(
+        mark["add"]["rule"]["expr"][0]["mangle"]["value"]["|"][1],
+        json!(0x4000)
+    );
+    // Endpoint choice: numgen random mod N vmap.
+    let ng = find(&|c| {
+        c["add"]["rule"]["expr"][0]["vmap"]["key"]
+            .get("numgen")
+            .is_some()
+    })
+    .unwrap();
+    assert_eq!(
+        ng["add"]["rule"]["expr"][0]["vmap"]["key"]["numgen"]["mode"],
+        json!("random")
+    );
+}

@@ -419,7 +419,14 @@ mod tests {
         p2.affinity_timeout_seconds = Some(10800);
         let p3 = port("ns3", "svc3", "", Protocol::Tcp, "172.30.0.43", 80);
         snapshot(
-            v4_network(),
+            // Two pod and two service CIDRs: anonymous sets in the masquerade, short-circuit
+            // and cluster-ips-check rules.
+            network(
+                IpFamily::V4,
+                &["192.168.0.2"],
+                &["10.0.0.0/8", "100.64.0.0/10"],
+                &["172.30.0.0/16", "172.31.0.0/16"],
+            ),
             vec![
                 state(
                     p1,
@@ -710,5 +717,126 @@ mod tests {
         );
         dp2.cleanup().unwrap();
         assert!(dp2.existing_tables().unwrap().is_empty());
+    }
+
+    /// Kills a process we started (the namespace's test server) when the test ends.
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// What a TCP connect from inside the namespace sees.
+    fn connect(ns: &Netns, addr: &str) -> String {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let script = format!(
+            "import socket\n\
+             s = socket.socket()\n\
+             s.settimeout(1.5)\n\
+             try:\n    s.connect(('{host}', {port})); print('data:' + s.recv(64).decode())\n\
+             except ConnectionRefusedError: print('refused')\n\
+             except socket.timeout: print('timeout')\n\
+             except OSError as e: print('error:%d' % e.errno)\n"
+        );
+        ns.exec(&["python3", "-c", &script])
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn live_node_traffic_is_dnated_rejected_and_dropped() {
+        if let Some(why) = skip_reason() {
+            eprintln!("skipping live nftables test: {why}");
+            return;
+        }
+        if tool_missing("python3") {
+            eprintln!("skipping live nftables test: python3 not installed");
+            return;
+        }
+        let ns = Netns(format!("shunt-nft-live-{}", std::process::id()));
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &ns.0])
+                .status()
+                .unwrap()
+                .success()
+        );
+        // A node address on a veth uplink (its peer stays in the namespace too) with a route for the service CIDR, and the
+        // "pod" endpoint as a local address.
+        for cmd in [
+            "ip link set lo up",
+            "ip link add up0 type veth peer name up1",
+            "ip link set up0 up",
+            "ip link set up1 up",
+            "ip addr add 192.168.0.2/24 dev up0",
+            "ip route add 172.30.0.0/16 dev up0",
+            "ip addr add 10.180.0.1/32 dev lo",
+        ] {
+            let args: Vec<&str> = cmd.split(' ').collect();
+            ns.exec(&args).unwrap();
+        }
+        let server = "import socket, time\n\
+            s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+            s.bind(('10.180.0.1', 8080)); s.listen(8); s.settimeout(1)\n\
+            end = time.time() + 30\n\
+            while time.time() < end:\n    try:\n        c, _ = s.accept(); c.send(b'pod'); c.close()\n    except socket.timeout: pass\n";
+        let _server = Child(
+            Command::new("ip")
+                .args(["netns", "exec", &ns.0, "python3", "-c", server])
+                .spawn()
+                .unwrap(),
+        );
+        let prefix: Vec<String> = ["ip", "netns", "exec", &ns.0]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut dp = NftablesDataplane::with_command(prefix).unwrap();
+        let web = port("ns1", "web", "http", Protocol::Tcp, "172.30.0.41", 80);
+        let empty = port("ns1", "empty", "http", Protocol::Tcp, "172.30.0.43", 80);
+        let snaps = vec![snapshot(
+            v4_network(),
+            vec![
+                state(web, vec![ep("10.180.0.1", 8080, Some(NODE))]),
+                state(empty, vec![]),
+            ],
+        )];
+        dp.sync(SyncRequest {
+            snapshots: &snaps,
+            changed: &Changed::All,
+        })
+        .unwrap();
+        // Wait (bounded) for the server to listen on the endpoint directly.
+        let mut direct = String::new();
+        for _ in 0..50 {
+            direct = connect(&ns, "10.180.0.1:8080");
+            if direct == "data:pod" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(direct, "data:pod", "test server did not come up");
+        assert_eq!(connect(&ns, "172.30.0.41:80"), "data:pod", "ClusterIP DNAT");
+        assert_eq!(
+            connect(&ns, "172.30.0.43:80"),
+            "refused",
+            "no endpoints: REJECT"
+        );
+        assert_eq!(
+            connect(&ns, "172.30.0.41:443"),
+            "refused",
+            "wrong port of a ClusterIP: REJECT"
+        );
+        assert_eq!(
+            connect(&ns, "172.30.0.50:80"),
+            "timeout",
+            "unallocated ClusterIP: DROP"
+        );
+        dp.cleanup().unwrap();
+        // Without our rules the service CIDR is just a route to nowhere: no reject.
+        assert_ne!(connect(&ns, "172.30.0.43:80"), "refused");
     }
 }

@@ -104,18 +104,14 @@ impl NftablesDataplane {
         let out = run(&self.nft_args(&["-j", "list", "tables"]), None)?;
         let mut found = BTreeSet::new();
         for item in parse_items(&out)? {
-            if let Some(t) = item.get("table")
-                && t.get("name").and_then(Value::as_str) == Some(TABLE)
+            if let Listed::Table(t) = item
+                && t.name == TABLE
             {
-                match t.get("family").and_then(Value::as_str) {
-                    Some("ip") => {
-                        found.insert(IpFamily::V4);
-                    }
-                    Some("ip6") => {
-                        found.insert(IpFamily::V6);
-                    }
-                    _ => {}
-                }
+                match t.family.as_str() {
+                    "ip" => found.insert(IpFamily::V4),
+                    "ip6" => found.insert(IpFamily::V6),
+                    _ => false,
+                };
             }
         }
         Ok(found)
@@ -132,38 +128,25 @@ impl NftablesDataplane {
         )?;
         let mut st = TableState::default();
         for item in parse_items(&out)? {
-            if let Some(c) = item.get("chain") {
-                st.chains.entry(field_str(c, "name")?).or_default();
-            } else if let Some(r) = item.get("rule") {
-                let chain = field_str(r, "chain")?;
-                let handle = r.get("handle").and_then(Value::as_u64).ok_or_else(|| {
-                    DataplaneError::Other(format!(
-                        "nft listed a rule of chain {chain} without a handle"
-                    ))
-                })?;
-                st.chains.entry(chain).or_default().push(ReadRule {
-                    handle,
-                    expr: r.get("expr").cloned().unwrap_or(Value::Null),
-                });
-            } else {
-                for (kind, verdict_map) in [("set", false), ("map", true)] {
-                    if let Some(s) = item.get(kind) {
-                        let name = field_str(s, "name")?;
-                        let timeout = s.get("timeout").and_then(Value::as_u64).map(|t| t as u32);
-                        st.sets.insert(
-                            name.clone(),
-                            KernelSet {
-                                verdict_map,
-                                timeout_seconds: timeout,
-                            },
-                        );
-                        let elems = match s.get("elem") {
-                            Some(Value::Array(a)) => a.clone(),
-                            _ => Vec::new(),
-                        };
-                        st.elements.insert(name, elems);
-                    }
+            match item {
+                Listed::Chain(c) => {
+                    st.chains.entry(c.name).or_default();
                 }
+                Listed::Rule(r) => st.chains.entry(r.chain).or_default().push(ReadRule {
+                    handle: r.handle,
+                    expr: r.expr,
+                }),
+                Listed::Set(set, verdict_map) => {
+                    st.sets.insert(
+                        set.name.clone(),
+                        KernelSet {
+                            verdict_map,
+                            timeout_seconds: set.timeout,
+                        },
+                    );
+                    st.elements.insert(set.name, set.elem);
+                }
+                Listed::Table(_) | Listed::Other => {}
             }
         }
         Ok(Some(st))
@@ -296,25 +279,71 @@ impl Dataplane for NftablesDataplane {
     }
 }
 
-fn field_str(v: &Value, field: &str) -> Result<String, DataplaneError> {
-    v.get(field)
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| {
-            DataplaneError::Other(format!("nft -j output: object without {field:?}: {v}"))
-        })
+/// `{"table": {...}}` in `nft -j list` output (the fields we use).
+#[derive(serde::Deserialize)]
+struct ListedTable {
+    family: String,
+    name: String,
 }
 
-/// The `nftables` array of an nft JSON document.
-fn parse_items(out: &str) -> Result<Vec<Value>, DataplaneError> {
-    let doc: Value = serde_json::from_str(out)
-        .map_err(|e| DataplaneError::Other(format!("parsing nft -j output: {e}")))?;
-    match doc.get("nftables") {
-        Some(Value::Array(items)) => Ok(items.clone()),
-        _ => Err(DataplaneError::Other(
-            "nft -j output has no \"nftables\" array".to_string(),
-        )),
+#[derive(serde::Deserialize)]
+struct ListedChain {
+    name: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ListedRule {
+    chain: String,
+    handle: u64,
+    expr: Value,
+}
+
+/// A set or a map; nft prints elements only when there are some, and `timeout` only for
+/// sets that have one.
+#[derive(serde::Deserialize)]
+struct ListedSet {
+    name: String,
+    #[serde(default)]
+    timeout: Option<u32>,
+    #[serde(default)]
+    elem: Vec<Value>,
+}
+
+/// One object of an `nft -j list` document. (The `nftables` crate's own ruleset types
+/// cannot read verdict maps or single NAT flags back, hence these.)
+enum Listed {
+    Table(ListedTable),
+    Chain(ListedChain),
+    Rule(ListedRule),
+    /// A set (`false`) or verdict map (`true`).
+    Set(ListedSet, bool),
+    /// metainfo, or kinds we never create.
+    Other,
+}
+
+/// The objects of an nft JSON document.
+fn parse_items(out: &str) -> Result<Vec<Listed>, DataplaneError> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        nftables: Vec<BTreeMap<String, Value>>,
     }
+    let bad = |e: serde_json::Error| DataplaneError::Other(format!("parsing nft -j output: {e}"));
+    let doc: Doc = serde_json::from_str(out).map_err(bad)?;
+    let mut items = Vec::with_capacity(doc.nftables.len());
+    for obj in doc.nftables {
+        // Each object has exactly one key naming its kind.
+        for (kind, v) in obj {
+            items.push(match kind.as_str() {
+                "table" => Listed::Table(serde_json::from_value(v).map_err(bad)?),
+                "chain" => Listed::Chain(serde_json::from_value(v).map_err(bad)?),
+                "rule" => Listed::Rule(serde_json::from_value(v).map_err(bad)?),
+                "set" => Listed::Set(serde_json::from_value(v).map_err(bad)?, false),
+                "map" => Listed::Set(serde_json::from_value(v).map_err(bad)?, true),
+                _ => Listed::Other,
+            });
+        }
+    }
+    Ok(items)
 }
 
 /// Runs argv, feeding `stdin`; returns stdout, or the tool's stderr on failure.

@@ -295,6 +295,7 @@ pub fn node_fragment(net: &NodeNetwork) -> NodeFragment {
                         set: NODEPORT_IPS.to_string(),
                         key: Key::Addr(*ip),
                         value: None,
+                        comment: None,
                     });
                 }
             }
@@ -478,7 +479,11 @@ pub fn service_fragment(
     };
     let external_filter = internal_filter.clone();
 
+    let port_name = name.to_string();
+    // Elements that drop or reject name their service port, as upstream's do.
     let elem = |set: &str, key: Key, value: Option<Verdict>| Element {
+        comment: (set == NO_ENDPOINT_SERVICES || set == NO_ENDPOINT_NODEPORTS)
+            .then(|| port_name.clone()),
         set: set.to_string(),
         key,
         value,

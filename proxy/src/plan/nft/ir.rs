@@ -82,6 +82,9 @@ pub struct Element {
     pub set: String,
     pub key: Key,
     pub value: Option<Verdict>,
+    /// Shown by `nft list` (upstream names the service port on no-endpoint elements). Not
+    /// part of the element's identity: the kernel keys elements by `key` alone.
+    pub comment: Option<String>,
 }
 
 /// Verdicts, including the vmap lookups that end in one.

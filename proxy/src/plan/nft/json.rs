@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 
 use nftables::expr::{
-    BinaryOperation, CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression,
+    BinaryOperation, CT, Elem, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression,
     NgMode, Numgen, Payload, PayloadField, Prefix, SetItem, Verdict as NfVerdict,
 };
 use nftables::schema::{self, FlushObject, NfCmd, NfListObject, NfObject, SetType, SetTypeValue};
@@ -279,9 +279,19 @@ fn key_value(k: &Key) -> Expression<'static> {
 
 /// An element; `with_value` false gives the key alone, which is all a deletion needs.
 fn element(f: IpFamily, e: &Element, with_value: bool) -> NfListObject<'static> {
-    let item = match (&e.value, with_value) {
-        (Some(v), true) => Expression::List(vec![key_value(&e.key), verdict_expr(v)]),
+    let key = match (&e.comment, with_value) {
+        (Some(c), true) => Expression::Named(NamedExpression::Elem(Elem {
+            val: Box::new(key_value(&e.key)),
+            timeout: None,
+            expires: None,
+            comment: Some(Cow::Owned(c.clone())),
+            counter: None,
+        })),
         _ => key_value(&e.key),
+    };
+    let item = match (&e.value, with_value) {
+        (Some(v), true) => Expression::List(vec![key, verdict_expr(v)]),
+        _ => key,
     };
     NfListObject::Element(schema::Element {
         family: nf_family(f),

@@ -458,6 +458,7 @@ fn client_ip_affinity_uses_timed_sets() {
         set: affinity_set(&p.name, &eps[1]),
         key: Key::Addr(ip("10.0.0.2")),
         value: None,
+        comment: None,
     });
     assert_eq!(
         trace(&rs, &node_ips(), &client).endpoints(),
@@ -882,12 +883,14 @@ fn partial_sync_of_a_service_losing_all_endpoints_and_of_a_removed_service() {
     assert!(ops.contains(&Op::DeleteElement(Element {
         set: SERVICE_IPS.into(),
         key: cip.clone(),
-        value: Some(Verdict::Goto(cluster_chain(&svc2)))
+        value: Some(Verdict::Goto(cluster_chain(&svc2))),
+        comment: None,
     })));
     assert!(ops.contains(&Op::AddElement(Element {
         set: NO_ENDPOINT_SERVICES.into(),
         key: cip,
-        value: Some(Verdict::Goto(REJECT_CHAIN.into()))
+        value: Some(Verdict::Goto(REJECT_CHAIN.into())),
+        comment: Some("ns2/svc2:p53".into()),
     })));
     assert!(ops.contains(&Op::DeleteChain(cluster_chain(&svc2))));
     let mut kernel = fresh(&old);
@@ -915,7 +918,8 @@ fn partial_sync_of_a_service_losing_all_endpoints_and_of_a_removed_service() {
     assert!(ops.contains(&Op::DeleteElement(Element {
         set: CLUSTER_IPS.into(),
         key: Key::Addr(ip("172.30.0.42")),
-        value: None
+        value: None,
+        comment: None,
     })));
     let mut kernel = fresh(&old);
     kernel.apply(ops);

@@ -257,11 +257,13 @@ fn partial_family(o: &Ruleset, n: &Ruleset, touched: &[&ServicePortName]) -> Vec
 
     // Element ownership is global in the kernel: an element stays if any service still has
     // it with the same value, whichever service that is.
-    let owned = |rs: &Ruleset| -> BTreeMap<(String, Key), Option<Verdict>> {
+    let owned = |rs: &'_ Ruleset| -> BTreeMap<(String, Key), Element> {
         rs.elements()
-            .map(|e| ((e.set.clone(), e.key.clone()), e.value.clone()))
+            .map(|e| ((e.set.clone(), e.key.clone()), e.clone()))
             .collect()
     };
+    let value =
+        |m: &BTreeMap<(String, Key), Element>, k: &(String, Key)| m.get(k).map(|e| e.value.clone());
     let old_all = owned(o);
     let new_all = owned(n);
     let mut touched_keys: BTreeSet<(String, Key)> = BTreeSet::new();
@@ -282,14 +284,10 @@ fn partial_family(o: &Ruleset, n: &Ruleset, touched: &[&ServicePortName]) -> Vec
         ops.push(Op::FlushChain((*name).to_string()));
     }
     for k in &touched_keys {
-        if let Some(old_value) = old_all.get(k)
-            && new_all.get(k) != Some(old_value)
+        if let Some(old_elem) = old_all.get(k)
+            && value(&new_all, k) != Some(old_elem.value.clone())
         {
-            ops.push(Op::DeleteElement(Element {
-                set: k.0.clone(),
-                key: k.1.clone(),
-                value: old_value.clone(),
-            }));
+            ops.push(Op::DeleteElement(old_elem.clone()));
         }
     }
     for (name, def) in &old_sets {
@@ -315,14 +313,10 @@ fn partial_family(o: &Ruleset, n: &Ruleset, touched: &[&ServicePortName]) -> Vec
         }
     }
     for k in &touched_keys {
-        if let Some(new_value) = new_all.get(k)
-            && old_all.get(k) != Some(new_value)
+        if let Some(new_elem) = new_all.get(k)
+            && value(&old_all, k) != Some(new_elem.value.clone())
         {
-            ops.push(Op::AddElement(Element {
-                set: k.0.clone(),
-                key: k.1.clone(),
-                value: new_value.clone(),
-            }));
+            ops.push(Op::AddElement(new_elem.clone()));
         }
     }
     for name in old_chains.difference(&new_chains) {

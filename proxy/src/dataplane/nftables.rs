@@ -366,19 +366,25 @@ pub(crate) fn run(argv: &[String], stdin: Option<&[u8]>) -> Result<String, Datap
             what: format!("running {what}"),
             source,
         })?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(data).map_err(|source| DataplaneError::Io {
-            what: format!("writing to {what}"),
-            source,
-        })?;
-        // Dropping the pipe closes it, so the tool sees end of input.
-    }
+    // nft reads all of its input before it answers, so writing first cannot deadlock. If it
+    // exits early (EPIPE), its stderr says why: that is reported rather than the pipe error.
+    let write_error = match (stdin, child.stdin.take()) {
+        (Some(data), Some(mut pipe)) => pipe.write_all(data).err(),
+        _ => None,
+    };
+    // The pipe was dropped above, so the tool has seen end of input.
     let out = child
         .wait_with_output()
         .map_err(|source| DataplaneError::Io {
             what: format!("waiting for {what}"),
             source,
         })?;
+    if let (Some(source), true) = (write_error, out.status.success()) {
+        return Err(DataplaneError::Io {
+            what: format!("writing to {what}"),
+            source,
+        });
+    }
     if !out.status.success() {
         return Err(DataplaneError::Tool {
             tool: what,

@@ -124,21 +124,23 @@ async fn kube_client(settings: &Settings) -> anyhow::Result<kube::Client> {
         (Some(path), master) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            let mut config =
-                kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                    .await
-                    .with_context(|| format!("loading kubeconfig {}", path.display()))?;
+            let mut config = kube::Config::from_custom_kubeconfig(
+                kc,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await
+            .with_context(|| format!("loading kubeconfig {}", path.display()))?;
             // --master overrides the kubeconfig's server (clientcmd.BuildConfigFromFlags).
             if let Some(m) = master {
                 config.cluster_url = m.parse().with_context(|| format!("--master {m:?}"))?;
             }
             config
         }
-        (None, Some(m)) => {
-            kube::Config::new(m.parse().with_context(|| format!("--master {m:?}"))?)
-        }
+        (None, Some(m)) => kube::Config::new(m.parse().with_context(|| format!("--master {m:?}"))?),
         (None, None) => {
-            info!("neither --kubeconfig nor --master was specified; using the in-cluster configuration");
+            info!(
+                "neither --kubeconfig nor --master was specified; using the in-cluster configuration"
+            );
             kube::Config::incluster().context("in-cluster configuration")?
         }
     };

@@ -146,17 +146,10 @@ impl<M: Model, D: Dataplane> Runner<M, D> {
         let mut events_open = true;
         loop {
             let due = self.next_sync_at();
+            // Timer before events: a sustained flood of events cannot starve due syncs.
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                ev = events.recv(), if events_open => match ev {
-                    Some(ev) => self.handle(ev),
-                    None => {
-                        // Sources ended (their task logs why); keep the periodic syncs going.
-                        warn!("all sources stopped; no more changes will be received");
-                        events_open = false;
-                    }
-                },
                 () = sleep_until_opt(due) => {
                     // Fold in whatever already arrived, so a burst becomes one sync.
                     for _ in 0..MAX_DRAIN {
@@ -169,6 +162,14 @@ impl<M: Model, D: Dataplane> Runner<M, D> {
                         self.sync_once();
                     }
                 }
+                ev = events.recv(), if events_open => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => {
+                        // Sources ended (their task logs why); keep the periodic syncs going.
+                        warn!("all sources stopped; no more changes will be received");
+                        events_open = false;
+                    }
+                },
             }
         }
         info!(
@@ -313,7 +314,9 @@ impl<M: Model, D: Dataplane> Runner<M, D> {
                 // NetworkProgrammingLatency: from each change's trigger time to now.
                 for t in &update.trigger_times {
                     if let Ok(d) = now.duration_since(*t) {
-                        self.metrics.network_programming_duration.observe(d.as_secs_f64());
+                        self.metrics
+                            .network_programming_duration
+                            .observe(d.as_secs_f64());
                     }
                 }
                 self.metrics

@@ -76,8 +76,14 @@ fn bad_flags_fail_naming_the_flag() {
         (&["--proxy-mode", "ipvs"], "--proxy-mode"),
         (&["--cluster-cidr", "10.0.0.0/33"], "--cluster-cidr"),
         (&["--detect-local-mode", "NodeCIDR"], "--detect-local-mode"),
-        (&["--nodeport-addresses", "not-a-cidr"], "--nodeport-addresses"),
-        (&["--metrics-bind-address", "localhost"], "--metrics-bind-address"),
+        (
+            &["--nodeport-addresses", "not-a-cidr"],
+            "--nodeport-addresses",
+        ),
+        (
+            &["--metrics-bind-address", "localhost"],
+            "--metrics-bind-address",
+        ),
         (&["--iptables-sync-period", "30"], "--iptables-sync-period"),
         (&["--no-such-flag"], "--no-such-flag"),
     ];
@@ -86,8 +92,14 @@ fn bad_flags_fail_naming_the_flag() {
         args.extend_from_slice(extra);
         let out = shunt(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{extra:?} should fail; stderr: {stderr}");
-        assert!(stderr.contains(needle), "{extra:?}: stderr should name {needle}: {stderr}");
+        assert!(
+            !out.status.success(),
+            "{extra:?} should fail; stderr: {stderr}"
+        );
+        assert!(
+            stderr.contains(needle),
+            "{extra:?}: stderr should name {needle}: {stderr}"
+        );
     }
 }
 

@@ -157,7 +157,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_durations() {
-        for input in ["", "30", "s", "1x", "1.s5", "abc", "1m x", "-1s", "99999999999h"] {
+        for input in [
+            "",
+            "30",
+            "s",
+            "1x",
+            "1.s5",
+            "abc",
+            "1m x",
+            "-1s",
+            "99999999999h",
+        ] {
             assert!(parse_go_duration(input).is_err(), "{input} should fail");
         }
         assert!(

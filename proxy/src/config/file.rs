@@ -128,7 +128,11 @@ pub fn parse(text: &str) -> Result<KubeProxyConfiguration, String> {
                 "field apiVersion: unsupported value {other:?}: must be {API_VERSION:?}"
             ));
         }
-        None => return Err(format!("field apiVersion: missing (must be {API_VERSION:?})")),
+        None => {
+            return Err(format!(
+                "field apiVersion: missing (must be {API_VERSION:?})"
+            ));
+        }
     }
     match cfg.kind.as_deref() {
         Some(KIND) => {}

@@ -291,17 +291,29 @@ impl Settings {
         let raw = match &cli.config {
             None => Raw {
                 mode: (cli.proxy_mode.clone(), Src::Flag("proxy-mode")),
-                hostname_override: (cli.hostname_override.clone(), Src::Flag("hostname-override")),
+                hostname_override: (
+                    cli.hostname_override.clone(),
+                    Src::Flag("hostname-override"),
+                ),
                 cluster_cidr: (cli.cluster_cidr.clone(), Src::Flag("cluster-cidr")),
-                detect_local_mode: (cli.detect_local_mode.clone(), Src::Flag("detect-local-mode")),
+                detect_local_mode: (
+                    cli.detect_local_mode.clone(),
+                    Src::Flag("detect-local-mode"),
+                ),
                 masquerade_all: cli.masquerade_all.unwrap_or(false),
                 node_port_addresses: (
                     // pflag StringSlice: comma separated; an empty value means an empty list.
                     cli.nodeport_addresses.as_deref().map(split_list),
                     Src::Flag("nodeport-addresses"),
                 ),
-                healthz: (cli.healthz_bind_address.clone(), Src::Flag("healthz-bind-address")),
-                metrics: (cli.metrics_bind_address.clone(), Src::Flag("metrics-bind-address")),
+                healthz: (
+                    cli.healthz_bind_address.clone(),
+                    Src::Flag("healthz-bind-address"),
+                ),
+                metrics: (
+                    cli.metrics_bind_address.clone(),
+                    Src::Flag("metrics-bind-address"),
+                ),
                 // options.go processV1Alpha1Flags: --iptables-* set the sync periods in every
                 // mode but ipvs.
                 sync_period: (cli.iptables_sync_period, Src::Flag("iptables-sync-period")),
@@ -313,12 +325,11 @@ impl Settings {
                 verbosity: cli.v.unwrap_or(0),
             },
             Some(path) => {
-                file_text = std::fs::read_to_string(path).map_err(|source| {
-                    ConfigError::ReadFile {
+                file_text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
                         path: path.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 file_cfg = file::parse(&file_text).map_err(|reason| ConfigError::File {
                     path: path.clone(),
                     reason,
@@ -329,8 +340,7 @@ impl Settings {
         };
         if cli.ipvs_sync_period.is_some() || cli.ipvs_min_sync_period.is_some() {
             warnings.push(
-                "--ipvs-sync-period/--ipvs-min-sync-period only apply to ipvs mode; ignored"
-                    .into(),
+                "--ipvs-sync-period/--ipvs-min-sync-period only apply to ipvs mode; ignored".into(),
             );
         }
         Settings::validate(raw, &cli, host, warnings)
@@ -360,10 +370,8 @@ impl Settings {
             _ => {
                 let name = host.hostname.trim().to_lowercase();
                 if name.is_empty() {
-                    return Err(Src::Flag("hostname-override").invalid(
-                        "",
-                        "the host name is empty; set --hostname-override",
-                    ));
+                    return Err(Src::Flag("hostname-override")
+                        .invalid("", "the host name is empty; set --hostname-override"));
                 }
                 name
             }
@@ -375,13 +383,15 @@ impl Settings {
         // CIDR for a family the detector is a no-op for that family, which is what the model
         // does with an empty list.
         let detect_local = match raw.detect_local_mode.0.as_deref() {
-            None | Some("") | Some("ClusterCIDR") => DetectLocal::ClusterCidr(cluster_cidrs.clone()),
+            None | Some("") | Some("ClusterCIDR") => {
+                DetectLocal::ClusterCidr(cluster_cidrs.clone())
+            }
             Some("None") => DetectLocal::None,
             Some(m @ ("NodeCIDR" | "BridgeInterface" | "InterfaceNamePrefix")) => {
-                return Err(raw.detect_local_mode.1.invalid(
-                    m,
-                    "not supported by shunt (supported: ClusterCIDR, None)",
-                ));
+                return Err(raw
+                    .detect_local_mode
+                    .1
+                    .invalid(m, "not supported by shunt (supported: ClusterCIDR, None)"));
             }
             Some(other) => {
                 return Err(raw.detect_local_mode.1.invalid(
@@ -392,13 +402,24 @@ impl Settings {
             }
         };
 
-        let node_port_addresses =
-            parse_node_port_addresses(raw.node_port_addresses.0.as_deref(), raw.node_port_addresses.1, mode)?;
+        let node_port_addresses = parse_node_port_addresses(
+            raw.node_port_addresses.0.as_deref(),
+            raw.node_port_addresses.1,
+            mode,
+        )?;
 
-        let healthz_bind_address =
-            parse_bind_address(raw.healthz.0.as_deref(), raw.healthz.1, "0.0.0.0", DEFAULT_HEALTHZ_PORT)?;
-        let metrics_bind_address =
-            parse_bind_address(raw.metrics.0.as_deref(), raw.metrics.1, "127.0.0.1", DEFAULT_METRICS_PORT)?;
+        let healthz_bind_address = parse_bind_address(
+            raw.healthz.0.as_deref(),
+            raw.healthz.1,
+            "0.0.0.0",
+            DEFAULT_HEALTHZ_PORT,
+        )?;
+        let metrics_bind_address = parse_bind_address(
+            raw.metrics.0.as_deref(),
+            raw.metrics.1,
+            "127.0.0.1",
+            DEFAULT_METRICS_PORT,
+        )?;
 
         // v1alpha1 defaulting replaces a zero period by the default (defaults.go), so "0s"
         // in the file means the default, as it does for kube-proxy.
@@ -446,7 +467,11 @@ impl Settings {
         }
         if primary == IpFamily::V6 && !host.ipv6 {
             return Err(raw.cluster_cidr.1.invalid(
-                cluster_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+                cluster_cidrs
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 "the primary cluster CIDR is IPv6 but this kernel has no IPv6",
             ));
         }
@@ -515,15 +540,16 @@ fn from_file<'a>(
             "iptables.minSyncPeriod",
         )
     };
-    let dur = |v: Option<String>, name: &'a str| -> Result<(Option<Duration>, Src<'a>), ConfigError> {
-        let src = Src::Field(name, path);
-        match v {
-            None => Ok((None, src)),
-            Some(s) => parse_go_duration(&s)
-                .map(|d| (Some(d), src))
-                .map_err(|reason| src.invalid(s, reason)),
-        }
-    };
+    let dur =
+        |v: Option<String>, name: &'a str| -> Result<(Option<Duration>, Src<'a>), ConfigError> {
+            let src = Src::Field(name, path);
+            match v {
+                None => Ok((None, src)),
+                Some(s) => parse_go_duration(&s)
+                    .map(|d| (Some(d), src))
+                    .map_err(|reason| src.invalid(s, reason)),
+            }
+        };
     let sync_period = dur(sync_s, sync_name)?;
     let min_sync_period = dur(min_s, min_name)?;
     // Durations shunt does not act on are still checked, so a typo does not pass silently.
@@ -531,16 +557,26 @@ fn from_file<'a>(
         vec![("configSyncPeriod", cfg.config_sync_period.as_ref())];
     if let Some(c) = &cfg.conntrack {
         other_durations.extend([
-            ("conntrack.tcpEstablishedTimeout", c.tcp_established_timeout.as_ref()),
-            ("conntrack.tcpCloseWaitTimeout", c.tcp_close_wait_timeout.as_ref()),
+            (
+                "conntrack.tcpEstablishedTimeout",
+                c.tcp_established_timeout.as_ref(),
+            ),
+            (
+                "conntrack.tcpCloseWaitTimeout",
+                c.tcp_close_wait_timeout.as_ref(),
+            ),
             ("conntrack.udpTimeout", c.udp_timeout.as_ref()),
             ("conntrack.udpStreamTimeout", c.udp_stream_timeout.as_ref()),
         ]);
-        for (name, v) in [("conntrack.maxPerCore", c.max_per_core), ("conntrack.min", c.min)] {
+        for (name, v) in [
+            ("conntrack.maxPerCore", c.max_per_core),
+            ("conntrack.min", c.min),
+        ] {
             if let Some(v) = v
                 && v < 0
             {
-                return Err(Src::Field(name, path).invalid(v.to_string(), "must be greater than or equal to 0"));
+                return Err(Src::Field(name, path)
+                    .invalid(v.to_string(), "must be greater than or equal to 0"));
             }
         }
     }
@@ -567,17 +603,26 @@ fn from_file<'a>(
     }
     for (name, v) in other_durations {
         if let Some(s) = v {
-            parse_go_duration(s).map_err(|reason| Src::Field(name, path).invalid(s.clone(), reason))?;
+            parse_go_duration(s)
+                .map_err(|reason| Src::Field(name, path).invalid(s.clone(), reason))?;
         }
     }
     for (name, bit) in [
-        ("iptables.masqueradeBit", cfg.iptables.as_ref().and_then(|i| i.masquerade_bit)),
-        ("nftables.masqueradeBit", cfg.nftables.as_ref().and_then(|n| n.masquerade_bit)),
+        (
+            "iptables.masqueradeBit",
+            cfg.iptables.as_ref().and_then(|i| i.masquerade_bit),
+        ),
+        (
+            "nftables.masqueradeBit",
+            cfg.nftables.as_ref().and_then(|n| n.masquerade_bit),
+        ),
     ] {
         if let Some(b) = bit
             && !(0..=31).contains(&b)
         {
-            return Err(Src::Field(name, path).invalid(b.to_string(), "must be within the range [0, 31]"));
+            return Err(
+                Src::Field(name, path).invalid(b.to_string(), "must be within the range [0, 31]")
+            );
         }
     }
     if let Some(adj) = cfg.oom_score_adj
@@ -597,7 +642,10 @@ fn from_file<'a>(
         }
     }
     if cfg.feature_gates.as_ref().is_some_and(|g| !g.is_empty()) {
-        warnings.push(format!("{}: featureGates are ignored by shunt", path.display()));
+        warnings.push(format!(
+            "{}: featureGates are ignored by shunt",
+            path.display()
+        ));
     }
     let kubeconfig = cfg
         .client_connection
@@ -607,13 +655,28 @@ fn from_file<'a>(
         .map(PathBuf::from);
     Ok(Raw {
         mode: (mode, Src::Field("mode", path)),
-        hostname_override: (cfg.hostname_override.clone(), Src::Field("hostnameOverride", path)),
+        hostname_override: (
+            cfg.hostname_override.clone(),
+            Src::Field("hostnameOverride", path),
+        ),
         cluster_cidr: (cfg.cluster_cidr.clone(), Src::Field("clusterCIDR", path)),
-        detect_local_mode: (cfg.detect_local_mode.clone(), Src::Field("detectLocalMode", path)),
+        detect_local_mode: (
+            cfg.detect_local_mode.clone(),
+            Src::Field("detectLocalMode", path),
+        ),
         masquerade_all: masq.unwrap_or(false),
-        node_port_addresses: (cfg.node_port_addresses.clone(), Src::Field("nodePortAddresses", path)),
-        healthz: (cfg.healthz_bind_address.clone(), Src::Field("healthzBindAddress", path)),
-        metrics: (cfg.metrics_bind_address.clone(), Src::Field("metricsBindAddress", path)),
+        node_port_addresses: (
+            cfg.node_port_addresses.clone(),
+            Src::Field("nodePortAddresses", path),
+        ),
+        healthz: (
+            cfg.healthz_bind_address.clone(),
+            Src::Field("healthzBindAddress", path),
+        ),
+        metrics: (
+            cfg.metrics_bind_address.clone(),
+            Src::Field("metricsBindAddress", path),
+        ),
         sync_period,
         min_sync_period,
         kubeconfig,
@@ -636,7 +699,10 @@ fn ignored_flags(cli: &Cli) -> Vec<String> {
         ("healthz-bind-address", cli.healthz_bind_address.is_some()),
         ("metrics-bind-address", cli.metrics_bind_address.is_some()),
         ("iptables-sync-period", cli.iptables_sync_period.is_some()),
-        ("iptables-min-sync-period", cli.iptables_min_sync_period.is_some()),
+        (
+            "iptables-min-sync-period",
+            cli.iptables_min_sync_period.is_some(),
+        ),
         ("kubeconfig", cli.kubeconfig.is_some()),
     ];
     given
@@ -669,10 +735,12 @@ fn parse_mode(value: Option<&str>, src: Src<'_>) -> Result<ProxyMode, ConfigErro
 
 fn parse_cidr(s: &str, src: Src<'_>) -> Result<IpNet, ConfigError> {
     // Go's net.ParseCIDR accepts host bits ("10.0.0.1/8" is 10.0.0.0/8); so do we.
-    s.trim()
-        .parse::<IpNet>()
-        .map(|n| n.trunc())
-        .map_err(|_| src.invalid(s, "must be a valid CIDR (e.g. 10.100.0.0/16 or fde4:8dba:82e1::/48)"))
+    s.trim().parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
+        src.invalid(
+            s,
+            "must be a valid CIDR (e.g. 10.100.0.0/16 or fde4:8dba:82e1::/48)",
+        )
+    })
 }
 
 /// validation.go: one CIDR, or two of different families.
@@ -708,11 +776,7 @@ fn parse_node_port_addresses(
     src: Src<'_>,
     mode: ProxyMode,
 ) -> Result<Vec<IpNet>, ConfigError> {
-    let list: Vec<&str> = value
-        .unwrap_or_default()
-        .iter()
-        .map(|s| s.trim())
-        .collect();
+    let list: Vec<&str> = value.unwrap_or_default().iter().map(|s| s.trim()).collect();
     if list.is_empty() {
         return Ok(match mode {
             ProxyMode::Iptables => vec![
@@ -740,7 +804,12 @@ fn parse_bind_address(
     default_port: u16,
 ) -> Result<Option<SocketAddr>, ConfigError> {
     let value = match value {
-        None => return Ok(Some(SocketAddr::new(default_ip.parse().expect("literal IP"), default_port))),
+        None => {
+            return Ok(Some(SocketAddr::new(
+                default_ip.parse().expect("literal IP"),
+                default_port,
+            )));
+        }
         Some(v) if v.trim().is_empty() => return Ok(None),
         Some(v) => v.trim(),
     };
@@ -755,7 +824,10 @@ fn parse_bind_address(
     let Some((host, port)) = value.rsplit_once(':') else {
         return Err(src.invalid(value, "must be IP:port"));
     };
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     let ip: IpAddr = host
         .parse()
         .map_err(|_| src.invalid(value, "must be IP:port with a valid IP"))?;

@@ -34,9 +34,18 @@ fn defaults_match_kube_proxy() {
     assert_eq!(s.node.detect_local, DetectLocal::ClusterCidr(vec![]));
     assert!(!s.node.masquerade_all);
     // iptables: all local addresses.
-    assert_eq!(s.node.node_port_addresses, vec![net("0.0.0.0/0"), net("::/0")]);
-    assert_eq!(s.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
-    assert_eq!(s.metrics_bind_address, Some("127.0.0.1:10249".parse().unwrap()));
+    assert_eq!(
+        s.node.node_port_addresses,
+        vec![net("0.0.0.0/0"), net("::/0")]
+    );
+    assert_eq!(
+        s.healthz_bind_address,
+        Some("0.0.0.0:10256".parse().unwrap())
+    );
+    assert_eq!(
+        s.metrics_bind_address,
+        Some("127.0.0.1:10249".parse().unwrap())
+    );
     assert_eq!(s.sync_period, Duration::from_secs(30));
     assert_eq!(s.min_sync_period, Duration::from_secs(1));
     assert!(!s.cleanup);
@@ -77,14 +86,21 @@ fn binary_contract_command_line() {
         vec![net("192.168.0.0/24"), net("2001:db8::/64")]
     );
     assert_eq!(s.manifests, Some(PathBuf::from("/tmp/m")));
-    assert_eq!(s.healthz_bind_address, Some("127.0.0.1:10256".parse().unwrap()));
+    assert_eq!(
+        s.healthz_bind_address,
+        Some("127.0.0.1:10256".parse().unwrap())
+    );
 }
 
 #[test]
 fn flag_values_table() {
     // (args, check)
     let s = parse(&["--proxy-mode=nftables"]).unwrap();
-    assert_eq!(s.node.node_port_addresses, vec![], "nftables default is primary");
+    assert_eq!(
+        s.node.node_port_addresses,
+        vec![],
+        "nftables default is primary"
+    );
     let s = parse(&["--proxy-mode", "ebpf", "--cgroup-root", "/sys/fs/cgroup"]).unwrap();
     assert_eq!(s.mode, ProxyMode::Ebpf);
     assert_eq!(s.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup")));
@@ -98,7 +114,12 @@ fn flag_values_table() {
     assert!(s.node.masquerade_all);
     let s = parse(&["--cleanup"]).unwrap();
     assert!(s.cleanup);
-    let s = parse(&["--iptables-sync-period", "1m0s", "--iptables-min-sync-period=500ms"]).unwrap();
+    let s = parse(&[
+        "--iptables-sync-period",
+        "1m0s",
+        "--iptables-min-sync-period=500ms",
+    ])
+    .unwrap();
     assert_eq!(s.sync_period, Duration::from_secs(60));
     assert_eq!(s.min_sync_period, Duration::from_millis(500));
     let s = parse(&["--iptables-min-sync-period=0s"]).unwrap();
@@ -108,7 +129,10 @@ fn flag_values_table() {
     let s = parse(&["--healthz-bind-address", "[::1]:9000"]).unwrap();
     assert_eq!(s.healthz_bind_address, Some("[::1]:9000".parse().unwrap()));
     let s = parse(&["--healthz-bind-address", "127.0.0.2"]).unwrap();
-    assert_eq!(s.healthz_bind_address, Some("127.0.0.2:10256".parse().unwrap()));
+    assert_eq!(
+        s.healthz_bind_address,
+        Some("127.0.0.2:10256".parse().unwrap())
+    );
     let s = parse(&["-v", "4"]).unwrap();
     assert_eq!(s.verbosity, 4);
     let s = parse(&["--v=2"]).unwrap();
@@ -117,7 +141,10 @@ fn flag_values_table() {
     assert_eq!(s.node.families, vec![IpFamily::V6, IpFamily::V4]);
     // Host bits are dropped, as net.ParseCIDR does.
     let s = parse(&["--cluster-cidr", "10.1.2.3/16"]).unwrap();
-    assert_eq!(s.node.detect_local, DetectLocal::ClusterCidr(vec![net("10.1.0.0/16")]));
+    assert_eq!(
+        s.node.detect_local,
+        DetectLocal::ClusterCidr(vec![net("10.1.0.0/16")])
+    );
     let s = parse(&["--hostname-override", "  MiXed  "]).unwrap();
     assert_eq!(s.node.node_name, "mixed");
     let s = parse(&["--master", "https://10.0.0.1:6443", "--kubeconfig", "/k"]).unwrap();
@@ -142,21 +169,41 @@ fn bad_flags_name_the_flag() {
         (&["--proxy-mode", "ipvs"], "--proxy-mode"),
         (&["--proxy-mode", "bogus"], "--proxy-mode"),
         (&["--detect-local-mode", "NodeCIDR"], "not supported"),
-        (&["--detect-local-mode", "BridgeInterface"], "--detect-local-mode"),
+        (
+            &["--detect-local-mode", "BridgeInterface"],
+            "--detect-local-mode",
+        ),
         (&["--detect-local-mode", "Whatever"], "--detect-local-mode"),
         (&["--cluster-cidr", "10.0.0.0/33"], "--cluster-cidr"),
         (&["--cluster-cidr", "10.0.0.0/8,10.1.0.0/16"], "dual-stack"),
-        (&["--cluster-cidr", "10.0.0.0/8,fd00::/8,10.1.0.0/16"], "--cluster-cidr"),
+        (
+            &["--cluster-cidr", "10.0.0.0/8,fd00::/8,10.1.0.0/16"],
+            "--cluster-cidr",
+        ),
         (&["--nodeport-addresses", "1.2.3.4"], "--nodeport-addresses"),
         (&["--nodeport-addresses", "primary,10.0.0.0/8"], "primary"),
-        (&["--healthz-bind-address", "nonsense"], "--healthz-bind-address"),
-        (&["--healthz-bind-address", "127.0.0.1:0"], "--healthz-bind-address"),
-        (&["--metrics-bind-address", "1.2.3.4:99999"], "--metrics-bind-address"),
+        (
+            &["--healthz-bind-address", "nonsense"],
+            "--healthz-bind-address",
+        ),
+        (
+            &["--healthz-bind-address", "127.0.0.1:0"],
+            "--healthz-bind-address",
+        ),
+        (
+            &["--metrics-bind-address", "1.2.3.4:99999"],
+            "--metrics-bind-address",
+        ),
         (&["--iptables-sync-period", "30"], "--iptables-sync-period"),
         (&["--iptables-sync-period", "0s"], "--iptables-sync-period"),
         (&["--iptables-sync-period", "-1s"], "--iptables-sync-period"),
         (
-            &["--iptables-sync-period", "1s", "--iptables-min-sync-period", "2s"],
+            &[
+                "--iptables-sync-period",
+                "1s",
+                "--iptables-min-sync-period",
+                "2s",
+            ],
             "--iptables-min-sync-period",
         ),
         (&["--hostname-override", "  "], "--hostname-override"),
@@ -165,8 +212,13 @@ fn bad_flags_name_the_flag() {
         (&["--manifests", "/m", "--kubeconfig", "/k"], "--manifests"),
     ];
     for (args, needle) in cases {
-        let err = parse(args).expect_err(&format!("{args:?} should fail")).to_string();
-        assert!(err.contains(needle), "{args:?}: {err:?} should contain {needle:?}");
+        let err = parse(args)
+            .expect_err(&format!("{args:?} should fail"))
+            .to_string();
+        assert!(
+            err.contains(needle),
+            "{args:?}: {err:?} should contain {needle:?}"
+        );
     }
 }
 
@@ -214,13 +266,22 @@ oomScoreAdj: -999
         s.node.detect_local,
         DetectLocal::ClusterCidr(vec![net("10.244.0.0/16"), net("fd00:10:244::/56")])
     );
-    assert!(s.node.masquerade_all, "nftables.masqueradeAll applies in nftables mode");
+    assert!(
+        s.node.masquerade_all,
+        "nftables.masqueradeAll applies in nftables mode"
+    );
     assert_eq!(s.node.node_port_addresses, vec![net("10.0.0.0/8")]);
-    assert_eq!(s.healthz_bind_address, Some("127.0.0.1:20256".parse().unwrap()));
+    assert_eq!(
+        s.healthz_bind_address,
+        Some("127.0.0.1:20256".parse().unwrap())
+    );
     assert_eq!(s.metrics_bind_address, None);
     assert_eq!(s.sync_period, Duration::from_secs(60));
     assert_eq!(s.min_sync_period, Duration::from_millis(250));
-    assert_eq!(s.kubeconfig, Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf")));
+    assert_eq!(
+        s.kubeconfig,
+        Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
+    );
     assert_eq!(s.verbosity, 3);
 }
 
@@ -233,7 +294,10 @@ fn config_file_json_and_mode_sections() {
     );
     let s = parse(&["--config", f.path().to_str().unwrap()]).unwrap();
     assert_eq!(s.mode, ProxyMode::Iptables);
-    assert!(s.node.masquerade_all, "iptables.masqueradeAll applies outside nftables mode");
+    assert!(
+        s.node.masquerade_all,
+        "iptables.masqueradeAll applies outside nftables mode"
+    );
     assert_eq!(s.sync_period, Duration::from_secs(45));
     // v1alpha1 defaulting turns a zero minSyncPeriod into 1s.
     assert_eq!(s.min_sync_period, Duration::from_secs(1));
@@ -286,12 +350,18 @@ fn bad_config_files_name_the_field() {
         ("healthzBindAddress: \"1.2.3.4:x\"\n", "healthzBindAddress"),
         ("metricsBindAddress: \"foo\"\n", "metricsBindAddress"),
         ("iptables:\n  syncPeriod: 30\n", "iptables.syncPeriod"),
-        ("mode: nftables\nnftables:\n  minSyncPeriod: 1x\n", "nftables.minSyncPeriod"),
+        (
+            "mode: nftables\nnftables:\n  minSyncPeriod: 1x\n",
+            "nftables.minSyncPeriod",
+        ),
         (
             "mode: nftables\nnftables:\n  syncPeriod: 1s\n  minSyncPeriod: 5s\n",
             "nftables.syncPeriod",
         ),
-        ("conntrack:\n  tcpCloseWaitTimeout: soon\n", "conntrack.tcpCloseWaitTimeout"),
+        (
+            "conntrack:\n  tcpCloseWaitTimeout: soon\n",
+            "conntrack.tcpCloseWaitTimeout",
+        ),
         ("oomScoreAdj: 5000\n", "oomScoreAdj"),
         ("iptables:\n  masqueradeBit: 40\n", "iptables.masqueradeBit"),
         ("masqueradeAll: true\n", "masqueradeAll"),
@@ -301,18 +371,31 @@ fn bad_config_files_name_the_field() {
         let err = parse(&["--config", f.path().to_str().unwrap()])
             .expect_err(&format!("{body:?} should fail"))
             .to_string();
-        assert!(err.contains(needle), "{body:?}: {err:?} should contain {needle:?}");
+        assert!(
+            err.contains(needle),
+            "{body:?}: {err:?} should contain {needle:?}"
+        );
     }
     for (text, needle) in [
         ("kind: KubeProxyConfiguration\n", "apiVersion"),
-        ("apiVersion: kubeproxy.config.k8s.io/v1beta9\nkind: KubeProxyConfiguration\n", "apiVersion"),
-        ("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: Pod\n", "kind"),
+        (
+            "apiVersion: kubeproxy.config.k8s.io/v1beta9\nkind: KubeProxyConfiguration\n",
+            "apiVersion",
+        ),
+        (
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: Pod\n",
+            "kind",
+        ),
         ("{{{ not yaml", "config file"),
     ] {
         let f = config_file(text);
-        let err = parse(&["--config", f.path().to_str().unwrap()]).unwrap_err().to_string();
+        let err = parse(&["--config", f.path().to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(needle), "{text:?}: {err:?}");
     }
-    let err = parse(&["--config", "/nonexistent/shunt.yaml"]).unwrap_err().to_string();
+    let err = parse(&["--config", "/nonexistent/shunt.yaml"])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("/nonexistent/shunt.yaml"), "{err}");
 }

@@ -233,7 +233,10 @@ mod tests {
         // ...and at health_timeout the proxy is unhealthy.
         assert!(!h.status_at(t(70)).healthy);
         h.updated_at(t(71));
-        assert!(h.status_at(t(500)).healthy, "nothing pending: healthy however old");
+        assert!(
+            h.status_at(t(500)).healthy,
+            "nothing pending: healthy however old"
+        );
     }
 
     #[test]
@@ -301,6 +304,9 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
         assert_eq!(civil_from_days(-1), (1969, 12, 31));
-        assert_eq!(go_time(Some(SystemTime::UNIX_EPOCH)), "1970-01-01 00:00:00 +0000 UTC");
+        assert_eq!(
+            go_time(Some(SystemTime::UNIX_EPOCH)),
+            "1970-01-01 00:00:00 +0000 UTC"
+        );
     }
 }

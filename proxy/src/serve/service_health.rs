@@ -192,13 +192,11 @@ impl ServiceHealthServer {
             listener.set_nonblocking(true)?;
             inst.bound.push(listener.local_addr()?);
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            let app = Router::new()
-                .fallback(hc_handler)
-                .with_state(HcState {
-                    key: key.clone(),
-                    health: self.health.clone(),
-                    shared: self.shared.clone(),
-                });
+            let app = Router::new().fallback(hc_handler).with_state(HcState {
+                key: key.clone(),
+                health: self.health.clone(),
+                shared: self.shared.clone(),
+            });
             let key = key.clone();
             inst.tasks.push(tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {
@@ -236,7 +234,10 @@ async fn hc_handler(State(st): State<HcState>) -> Response {
     (
         status,
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
             (
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),

@@ -6,17 +6,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::service_health::Wanted;
 use super::*;
 use crate::model::{
-    Endpoint, IpFamily, LocalDetector, NodeNetwork, NodePortIps, Protocol, ServiceKey,
-    ServicePort, ServicePortName, ServicePortState, Snapshot,
+    Endpoint, IpFamily, LocalDetector, NodeNetwork, NodePortIps, Protocol, ServiceKey, ServicePort,
+    ServicePortName, ServicePortState, Snapshot,
 };
 
 /// Minimal HTTP/1.1 GET: (status, lower-cased header lines, body).
-pub(crate) async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Vec<String>, String)> {
+pub(crate) async fn get(
+    addr: SocketAddr,
+    path: &str,
+) -> std::io::Result<(u16, Vec<String>, String)> {
     let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::other("connect timeout"))??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
         .await
@@ -29,7 +34,11 @@ pub(crate) async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, V
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    Ok((status, lines.map(|l| l.to_ascii_lowercase()).collect(), body.to_string()))
+    Ok((
+        status,
+        lines.map(|l| l.to_ascii_lowercase()).collect(),
+        body.to_string(),
+    ))
 }
 
 async fn serve_on_ephemeral(app: Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
@@ -69,9 +78,18 @@ async fn healthz_and_livez() {
     assert!(!body.contains("nodeEligible"));
 
     let text = metrics.encode();
-    assert!(text.contains("kubeproxy_proxy_healthz_total{code=\"503\"} 2"), "{text}");
-    assert!(text.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 1"), "{text}");
-    assert!(text.contains("kubeproxy_proxy_livez_total{code=\"200\"} 1"), "{text}");
+    assert!(
+        text.contains("kubeproxy_proxy_healthz_total{code=\"503\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kubeproxy_proxy_healthz_total{code=\"200\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kubeproxy_proxy_livez_total{code=\"200\"} 1"),
+        "{text}"
+    );
     task.abort();
 }
 
@@ -82,8 +100,15 @@ async fn metrics_endpoint() {
     let (addr, task) = serve_on_ephemeral(metrics_router(metrics, "nftables")).await;
     let (code, headers, body) = get(addr, "/metrics").await.unwrap();
     assert_eq!(code, 200);
-    assert!(headers.iter().any(|h| h.starts_with("content-type: application/openmetrics-text")));
-    assert!(body.contains("kubeproxy_sync_proxy_rules_service_changes_total 1"), "{body}");
+    assert!(
+        headers
+            .iter()
+            .any(|h| h.starts_with("content-type: application/openmetrics-text"))
+    );
+    assert!(
+        body.contains("kubeproxy_sync_proxy_rules_service_changes_total 1"),
+        "{body}"
+    );
     let (code, _, body) = get(addr, "/proxyMode").await.unwrap();
     assert_eq!((code, body.as_str()), (200, "nftables"));
     assert_eq!(get(addr, "/nope").await.unwrap().0, 404);
@@ -183,8 +208,20 @@ fn wanted_counts_local_ready_endpoints_of_all_ports() {
                     endpoint("10.0.0.3", false, true),
                 ],
             ),
-            port_state("lb", "https", Some(32000), true, vec![endpoint("10.0.0.1", true, true)]),
-            port_state("cluster", "", Some(32001), false, vec![endpoint("10.0.0.9", true, true)]),
+            port_state(
+                "lb",
+                "https",
+                Some(32000),
+                true,
+                vec![endpoint("10.0.0.1", true, true)],
+            ),
+            port_state(
+                "cluster",
+                "",
+                Some(32001),
+                false,
+                vec![endpoint("10.0.0.9", true, true)],
+            ),
             port_state("nohc", "", None, true, vec![]),
         ],
     );

@@ -99,7 +99,10 @@ impl Dataplane for FakeDataplane {
     fn mode(&self) -> &'static str {
         "nftables"
     }
-    fn sync(&mut self, request: SyncRequest<'_>) -> Result<SyncOutcome, crate::dataplane::DataplaneError> {
+    fn sync(
+        &mut self,
+        request: SyncRequest<'_>,
+    ) -> Result<SyncOutcome, crate::dataplane::DataplaneError> {
         let mut syncs = self.syncs.lock().unwrap();
         let index = syncs.len();
         syncs.push((Instant::now(), request.changed.clone()));
@@ -130,7 +133,11 @@ struct Harness {
     t0: Instant,
 }
 
-fn start<M: Model + 'static>(model: M, mark_all_calls: Arc<AtomicUsize>, dp: FakeDataplane) -> Harness {
+fn start<M: Model + 'static>(
+    model: M,
+    mark_all_calls: Arc<AtomicUsize>,
+    dp: FakeDataplane,
+) -> Harness {
     let (tx, rx) = mpsc::channel(1024);
     let (stop, stop_rx) = oneshot::channel();
     let metrics = Arc::new(Metrics::new());
@@ -213,7 +220,10 @@ async fn no_sync_before_synced() {
     let (m, calls) = fake();
     let h = start(m, calls, FakeDataplane::default());
     h.send(svc("a")).await;
-    h.send(SourceEvent::LocalAddresses(vec!["10.0.0.1".parse().unwrap()])).await;
+    h.send(SourceEvent::LocalAddresses(vec![
+        "10.0.0.1".parse().unwrap(),
+    ]))
+    .await;
     advance(Duration::from_secs(120)).await;
     assert!(h.dp.syncs().is_empty(), "synced before Synced");
     assert!(!h.health.status().healthy, "healthy before the first sync");
@@ -224,16 +234,30 @@ async fn no_sync_before_synced() {
     assert_eq!(syncs.len(), 1);
     assert_eq!(syncs[0].1, Changed::All, "the first sync is full");
     assert!(h.health.status().healthy);
-    assert!(h.metrics.encode().contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 1"));
+    assert!(
+        h.metrics
+            .encode()
+            .contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 1")
+    );
     // The change's trigger time (1.5 s before the sync) lands in the 2.0 bucket.
-    assert!(h.metrics.encode().contains(
-        "kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 0"
-    ));
-    assert!(h.metrics.encode().contains(
-        "kubeproxy_network_programming_duration_seconds_bucket{le=\"2.0\"} 1"
-    ));
+    assert!(
+        h.metrics
+            .encode()
+            .contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"1.0\"} 0")
+    );
+    assert!(
+        h.metrics
+            .encode()
+            .contains("kubeproxy_network_programming_duration_seconds_bucket{le=\"2.0\"} 1")
+    );
     let stats = h.stop().await;
-    assert_eq!(stats, RunnerStats { syncs: 1, failures: 0 });
+    assert_eq!(
+        stats,
+        RunnerStats {
+            syncs: 1,
+            failures: 0
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -254,7 +278,10 @@ async fn bursts_coalesce_within_min_sync_period() {
     let syncs = h.dp.syncs();
     assert_eq!(syncs.len(), 2, "{syncs:?}");
     let gap = syncs[1].0 - syncs[0].0;
-    assert!(gap >= Duration::from_secs(1), "min-sync-period not respected: {gap:?}");
+    assert!(
+        gap >= Duration::from_secs(1),
+        "min-sync-period not respected: {gap:?}"
+    );
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     assert_eq!(syncs[1].1, keys(&refs));
 
@@ -266,7 +293,11 @@ async fn bursts_coalesce_within_min_sync_period() {
     assert_eq!(syncs.len(), 3);
     assert_eq!(syncs[2].1, keys(&["late"]));
     assert!(syncs[2].0 - syncs[1].0 < Duration::from_secs(7));
-    assert!(h.metrics.encode().contains("kubeproxy_sync_proxy_rules_service_changes_total 51"));
+    assert!(
+        h.metrics
+            .encode()
+            .contains("kubeproxy_sync_proxy_rules_service_changes_total 51")
+    );
     h.stop().await;
 }
 
@@ -280,7 +311,10 @@ async fn failure_means_full_retry_after_min_sync_period() {
     h.send(SourceEvent::Synced).await;
     advance(Duration::from_millis(10)).await;
     assert_eq!(h.dp.syncs().len(), 1);
-    assert!(!h.health.status().healthy, "a failed first sync is not healthy");
+    assert!(
+        !h.health.status().healthy,
+        "a failed first sync is not healthy"
+    );
 
     // Retried, fully, after min-sync-period without any new event.
     advance(Duration::from_millis(1100)).await;
@@ -301,14 +335,24 @@ async fn failure_means_full_retry_after_min_sync_period() {
     assert_eq!(syncs.len(), 4);
     assert_eq!(syncs[3].1, Changed::All);
     assert!(h.mark_all_calls.load(Ordering::SeqCst) >= 2);
-    assert!(h.metrics.encode().contains("kubeproxy_sync_proxy_rules_nftables_sync_failures_total 2"));
+    assert!(
+        h.metrics
+            .encode()
+            .contains("kubeproxy_sync_proxy_rules_nftables_sync_failures_total 2")
+    );
 
     // Back to partial syncs afterwards.
     h.send(svc("b")).await;
     advance(Duration::from_millis(1100)).await;
     assert_eq!(h.dp.syncs()[4].1, keys(&["b"]));
     let stats = h.stop().await;
-    assert_eq!(stats, RunnerStats { syncs: 5, failures: 2 });
+    assert_eq!(
+        stats,
+        RunnerStats {
+            syncs: 5,
+            failures: 2
+        }
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -361,8 +405,9 @@ async fn node_object_drives_eligibility() {
     assert!(h.health.status().healthz_ok());
     let mut node = Node::default();
     node.metadata.name = Some("node-a".into());
-    node.metadata.deletion_timestamp =
-        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
+    node.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Default::default(),
+    ));
     h.send(SourceEvent::Apply {
         origin: Origin::Api,
         object: Object::Node(Box::new(node.clone())),

@@ -68,8 +68,13 @@ fn init_tracing(verbosity: u8) {
 /// with cleanupAndExit cleans iptables, ipvs and nftables alike). A backend whose tool is
 /// missing has nothing to clean (upstream skips it the same way); a failed removal fails.
 fn cleanup_all() -> anyhow::Result<()> {
+    cleanup_modes(&ProxyMode::ALL)
+}
+
+/// Remove what the given modes created; Err names the modes whose cleanup failed.
+fn cleanup_modes(modes: &[ProxyMode]) -> anyhow::Result<()> {
     let mut failed = Vec::new();
-    for mode in ProxyMode::ALL {
+    for &mode in modes {
         match mode {
             ProxyMode::Nftables => match NftablesDataplane::new() {
                 Ok(mut dp) => {
@@ -103,20 +108,32 @@ fn cleanup_all() -> anyhow::Result<()> {
 }
 
 fn run(settings: Settings) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    match settings.mode {
+    // Check the mode's backend first (it only probes), so an unusable mode fails before
+    // anything is changed.
+    let dataplane = match settings.mode {
         ProxyMode::Nftables => {
-            let dp = NftablesDataplane::new().context("nftables mode: nft is not usable")?;
-            runtime.block_on(run_with(settings, dp))
+            NftablesDataplane::new().context("nftables mode: nft is not usable")?
         }
         ProxyMode::Iptables | ProxyMode::Ebpf => bail!(
             "proxy mode {} is not implemented yet (use --proxy-mode nftables)",
             settings.mode
         ),
+    };
+    // Switching modes: remove what the other modes left behind, best effort (server.go
+    // platformCleanup without cleanupAndExit; upstream ignores its error too, the backends
+    // having logged what failed).
+    let others: Vec<ProxyMode> = ProxyMode::ALL
+        .into_iter()
+        .filter(|m| *m != settings.mode)
+        .collect();
+    if let Err(e) = cleanup_modes(&others) {
+        warn!("leftovers of other proxy modes remain: {e:#}");
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(run_with(settings, dataplane))
 }
 
 async fn kube_client(settings: &Settings) -> anyhow::Result<kube::Client> {

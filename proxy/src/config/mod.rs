@@ -357,7 +357,9 @@ impl Settings {
         // --hostname-override wins over the file (options.go processHostnameOverrideFlag); an
         // explicitly empty flag is an error there. The name is trimmed and lower-cased as
         // nodeutil.GetHostname does.
-        let node_name = match (&cli.hostname_override, &raw.hostname_override.0) {
+        // An empty flag counts as unset there (`len(o.hostnameOverride) > 0`).
+        let flag = cli.hostname_override.as_ref().filter(|f| !f.is_empty());
+        let node_name = match (flag, &raw.hostname_override.0) {
             (Some(flag), _) => {
                 let name = flag.trim();
                 if name.is_empty() {

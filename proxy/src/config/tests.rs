@@ -137,6 +137,11 @@ fn flag_values_table() {
     assert_eq!(s.verbosity, 4);
     let s = parse(&["--v=2"]).unwrap();
     assert_eq!(s.verbosity, 2);
+    let s = parse(&["-v=3"]).unwrap();
+    assert_eq!(s.verbosity, 3);
+    // An empty --hostname-override is "unset" (the host name is used), as in kube-proxy.
+    let s = parse(&["--hostname-override", ""]).unwrap();
+    assert_eq!(s.node.node_name, "node-a");
     let s = parse(&["--cluster-cidr", "fd00::/48"]).unwrap();
     assert_eq!(s.node.families, vec![IpFamily::V6, IpFamily::V4]);
     // Host bits are dropped, as net.ParseCIDR does.

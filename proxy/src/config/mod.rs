@@ -627,6 +627,14 @@ fn from_file<'a>(
             );
         }
     }
+    // validation.go: bindAddress must be an IP. shunt takes the primary family from the
+    // cluster CIDRs and the Node object instead, so the value itself is not used.
+    if let Some(b) = cfg.bind_address.as_deref().filter(|b| !b.is_empty()) {
+        b.parse::<IpAddr>().map_err(|_| {
+            Src::Field("bindAddress", path)
+                .invalid(b, "not a valid textual representation of an IP address")
+        })?;
+    }
     if let Some(adj) = cfg.oom_score_adj
         && !(-1000..=1000).contains(&adj)
     {

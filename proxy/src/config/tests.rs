@@ -370,6 +370,7 @@ fn bad_config_files_name_the_field() {
         ("oomScoreAdj: 5000\n", "oomScoreAdj"),
         ("iptables:\n  masqueradeBit: 40\n", "iptables.masqueradeBit"),
         ("masqueradeAll: true\n", "masqueradeAll"),
+        ("bindAddress: 1.2.3\n", "bindAddress"),
     ];
     for (body, needle) in cases {
         let f = config_file(&format!("{header}{body}"));

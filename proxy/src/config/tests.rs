@@ -405,3 +405,91 @@ fn bad_config_files_name_the_field() {
         .to_string();
     assert!(err.contains("/nonexistent/shunt.yaml"), "{err}");
 }
+
+/// A file with every v1alpha1 field at its defaulted value (the shape kubeadm writes) loads.
+#[test]
+fn config_file_with_all_v1alpha1_fields() {
+    let f = config_file(
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+bindAddress: 0.0.0.0
+bindAddressHardFail: false
+clientConnection:
+  acceptContentTypes: ""
+  burst: 10
+  contentType: application/vnd.kubernetes.protobuf
+  kubeconfig: /var/lib/kube-proxy/kubeconfig.conf
+  qps: 5
+clusterCIDR: ""
+configSyncPeriod: 15m0s
+conntrack:
+  maxPerCore: 32768
+  min: 131072
+  tcpBeLiberal: false
+  tcpCloseWaitTimeout: 1h0m0s
+  tcpEstablishedTimeout: 24h0m0s
+  udpStreamTimeout: 0s
+  udpTimeout: 0s
+detectLocal:
+  bridgeInterface: ""
+  interfaceNamePrefix: ""
+detectLocalMode: ""
+enableProfiling: false
+healthzBindAddress: 0.0.0.0:10256
+hostnameOverride: ""
+iptables:
+  localhostNodePorts: true
+  masqueradeAll: false
+  masqueradeBit: 14
+  minSyncPeriod: 1s
+  syncPeriod: 30s
+ipvs:
+  excludeCIDRs: null
+  minSyncPeriod: 0s
+  scheduler: ""
+  strictARP: false
+  syncPeriod: 0s
+  tcpFinTimeout: 0s
+  tcpTimeout: 0s
+  udpTimeout: 0s
+kind: KubeProxyConfiguration
+logging:
+  flushFrequency: 5s
+  format: text
+  options:
+    json:
+      infoBufferSize: "0"
+  verbosity: 0
+metricsBindAddress: 127.0.0.1:10249
+mode: ""
+nftables:
+  masqueradeAll: false
+  masqueradeBit: 14
+  minSyncPeriod: 0s
+  syncPeriod: 0s
+nodePortAddresses: null
+oomScoreAdj: -999
+portRange: ""
+showHiddenMetricsForVersion: ""
+winkernel:
+  enableDSR: false
+  forwardHealthCheckVip: false
+  networkName: ""
+  rootHnsEndpointName: ""
+  sourceVip: ""
+"#,
+    );
+    let s = parse(&["--config", f.path().to_str().unwrap()]).unwrap();
+    let defaults = parse(&[]).unwrap();
+    assert_eq!(s.mode, defaults.mode);
+    assert_eq!(s.node, defaults.node);
+    assert_eq!(s.healthz_bind_address, defaults.healthz_bind_address);
+    assert_eq!(s.metrics_bind_address, defaults.metrics_bind_address);
+    assert_eq!(
+        (s.sync_period, s.min_sync_period),
+        (defaults.sync_period, defaults.min_sync_period)
+    );
+    assert_eq!(
+        s.kubeconfig,
+        Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
+    );
+}

@@ -3,9 +3,7 @@
 //! read /metrics, SIGTERM it (exit 0, rules stay), then `--cleanup` (everything shunt made is
 //! gone, nothing else).
 //!
-//! Needs root, `ip` and `nft`; skips (printing why) otherwise. Needs the nft and sources
-//! branches merged (their bodies are `todo!()` on the runtime branch), hence `#[ignore]`:
-//! run with `cargo test -p shunt --test runtime_netns -- --ignored`.
+//! Needs root, `ip` and `nft`; skips (printing why) otherwise.
 use std::io::Write as _;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -125,7 +123,6 @@ ports:
 "#;
 
 #[test]
-#[ignore = "needs the nft and sources branches, root, ip and nft"]
 fn run_sigterm_keeps_rules_cleanup_removes_them() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipping: needs root to create a network namespace");

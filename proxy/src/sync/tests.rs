@@ -442,7 +442,6 @@ async fn closed_source_channel_keeps_periodic_syncs() {
 
 /// Drives the real Tracker: needs the model branch (Tracker bodies are todo!() here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs model branch"]
 async fn real_tracker_end_to_end() {
     use crate::model::{DetectLocal, IpFamily, NodeConfig};
     let tracker = Tracker::new(NodeConfig {

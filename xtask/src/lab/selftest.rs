@@ -1,0 +1,152 @@
+//! Proves, on a freshly built lab and before any proxy runs, that the lab can tell every
+//! outcome apart: endpoint hits (with the real peer address), passthrough to the node and to
+//! the router's sink, reject (ECONNREFUSED, also through the node-originated EPERM path) and
+//! drop (timeout) produced by a temporary nft table in the node namespace.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use crate::lab::plan::{LAB_PORT, Plan};
+use crate::lab::probe::Outcome;
+use crate::lab::topology::Lab;
+use crate::scenario::Protocol;
+
+const TABLE: &str = "shunt_lab_selftest";
+
+pub struct Report {
+    pub checks: usize,
+}
+
+fn expect_answer(
+    lab: &Lab,
+    proto: Protocol,
+    src: IpAddr,
+    dst: SocketAddr,
+    name: &str,
+    t: Duration,
+) -> Result<()> {
+    match lab.probe(proto, src, dst, t)? {
+        Outcome::Answered { answer, client }
+            if answer.name == name && answer.local == dst && answer.peer == client =>
+        {
+            Ok(())
+        }
+        o => bail!(
+            "self-test: {proto:?} {src} -> {dst}: expected an unmasqueraded answer from {name}, got {o}"
+        ),
+    }
+}
+
+fn expect(
+    lab: &Lab,
+    proto: Protocol,
+    src: IpAddr,
+    dst: SocketAddr,
+    want: &Outcome,
+    t: Duration,
+) -> Result<()> {
+    let o = lab.probe(proto, src, dst, t)?;
+    if &o != want {
+        bail!("self-test: {proto:?} {src} -> {dst}: expected {want}, got {o}");
+    }
+    Ok(())
+}
+
+pub fn run(lab: &Lab, timeout: Duration) -> Result<Report> {
+    let p = &lab.plan;
+    let mut checks = 0;
+    // 1. Every endpoint server, directly from an external client (no proxy: no DNAT, no SNAT).
+    for (ip, ports) in &p.servers {
+        let ext = Plan::lab_external(ip.is_ipv6());
+        for &(proto, port) in ports {
+            if proto == Protocol::SCTP {
+                continue;
+            }
+            expect_answer(
+                lab,
+                proto,
+                ext,
+                SocketAddr::new(*ip, port),
+                &format!("ep-{ip}"),
+                timeout,
+            )?;
+            checks += 1;
+        }
+    }
+    // 2. Node-port numbers on every node address answer "node" (passthrough baseline), and
+    //    the sink answers for VIPs the node forwards without DNAT.
+    for &(proto, dst) in &p.node_listen {
+        expect_answer(
+            lab,
+            proto,
+            Plan::lab_external(dst.is_ipv6()),
+            dst,
+            "node",
+            timeout,
+        )?;
+        checks += 1;
+    }
+    for &(proto, dst) in &p.sink_listen {
+        if proto == Protocol::SCTP {
+            continue;
+        }
+        expect_answer(
+            lab,
+            proto,
+            Plan::lab_external(dst.is_ipv6()),
+            dst,
+            "sink",
+            timeout,
+        )?;
+        checks += 1;
+    }
+    // 3. reject and drop, both from outside (input hook) and node-originated (output hook).
+    let primaries: Vec<IpAddr> = p
+        .node_ips
+        .iter()
+        .find(|i| i.is_ipv6() == p.ipv6)
+        .into_iter()
+        .copied()
+        .collect();
+    for verdict in ["reject", "drop"] {
+        lab.node.sh(&format!(
+            "nft -f - <<'EOF'\ntable inet {TABLE} {{\n chain input {{\n  type filter hook input priority 0;\n  meta l4proto {{ tcp, udp }} th dport {LAB_PORT} {verdict}\n }}\n chain output {{\n  type filter hook output priority 0;\n  meta l4proto {{ tcp, udp }} th dport {LAB_PORT} {verdict}\n }}\n}}\nEOF"
+        ))?;
+        let want = if verdict == "reject" {
+            Outcome::Refused
+        } else {
+            Outcome::Timeout
+        };
+        for &ip in &primaries {
+            let dst = SocketAddr::new(ip, LAB_PORT);
+            for proto in [Protocol::TCP, Protocol::UDP] {
+                expect(
+                    lab,
+                    proto,
+                    Plan::lab_external(ip.is_ipv6()),
+                    dst,
+                    &want,
+                    timeout,
+                )?;
+                expect(lab, proto, ip, dst, &want, timeout)?;
+                checks += 2;
+            }
+        }
+        lab.node.sh(&format!("nft delete table inet {TABLE}"))?;
+    }
+    // 4. With the table gone the node answers again: nothing of the self-test is left behind.
+    for &ip in &primaries {
+        expect_answer(
+            lab,
+            Protocol::TCP,
+            ip,
+            SocketAddr::new(ip, LAB_PORT),
+            "node",
+            timeout,
+        )?;
+        checks += 1;
+    }
+    Ok(Report { checks })
+}

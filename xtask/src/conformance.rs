@@ -69,6 +69,7 @@ pub fn run(args: &Args) -> Result<bool> {
             break;
         }
         let before = t.failed;
+        eprintln!("== {} ({})", s.id, s.name);
         if let Err(e) = run_scenario(s, i, &bin, args, timeout, &mut t) {
             // The lab or shunt could not be set up: every packet not yet reported fails.
             println!("ERROR {} :: {e:#}", s.id);

@@ -73,6 +73,8 @@ pub struct Cluster {
     pub node_port_addresses: Vec<IpNet>,
 }
 
+// Variant names are the Kubernetes/YAML spellings, deserialized as written.
+#[allow(clippy::upper_case_acronyms)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 pub enum Protocol {
     TCP,
@@ -334,4 +336,102 @@ pub fn parse(text: &str) -> Result<Vec<Scenario>> {
         }
     }
     Ok(file.scenarios)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(y: &str) -> RawExpect {
+        serde_yaml::from_str(y).unwrap()
+    }
+
+    #[test]
+    fn expectations_resolve() {
+        let e = raw("endpoints: ['10.180.0.1:80', '[fd00:10:180::1]:80']\nmasquerade: true")
+            .resolve()
+            .unwrap();
+        let set = vec![
+            "10.180.0.1:80".parse().unwrap(),
+            "[fd00:10:180::1]:80".parse().unwrap(),
+        ];
+        assert_eq!(
+            e,
+            Expectation::Endpoints {
+                set,
+                masq: Masq::Yes
+            }
+        );
+        assert_eq!(raw("verdict: drop").resolve().unwrap(), Expectation::Drop);
+        assert_eq!(
+            raw("verdict: reject").resolve().unwrap(),
+            Expectation::Reject
+        );
+        let p = raw("verdict: passthrough\nmasquerade: false")
+            .resolve()
+            .unwrap();
+        assert_eq!(p, Expectation::Passthrough { masq: Masq::No });
+        let any = raw("endpoints: ['10.0.0.1:1']\nmasquerade: any")
+            .resolve()
+            .unwrap();
+        assert!(matches!(
+            any,
+            Expectation::Endpoints {
+                masq: Masq::Any,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn malformed_expectations_are_errors() {
+        assert!(
+            raw("verdict: drop\nendpoints: ['10.0.0.1:1']")
+                .resolve()
+                .is_err()
+        );
+        assert!(raw("masquerade: true").resolve().is_err());
+        assert!(raw("endpoints: ['10.0.0.1:1']").resolve().is_err());
+        assert!(
+            raw("endpoints: ['10.0.0.1']\nmasquerade: true")
+                .resolve()
+                .is_err()
+        );
+        assert!(
+            raw("endpoints: ['10.0.0.1:1']\nmasquerade: maybe")
+                .resolve()
+                .is_err()
+        );
+        assert!(serde_yaml::from_str::<RawExpect>("verdict: accept").is_err());
+        assert!(serde_yaml::from_str::<RawExpect>("verdict: drop\nextra: 1").is_err());
+    }
+
+    #[test]
+    fn shared_scenarios_parse_with_endpoint_info() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/scenarios");
+        let dir = if dir.exists() {
+            dir
+        } else {
+            "/work/shared/scenarios".into()
+        };
+        let all = load(&[dir]).unwrap();
+        assert!(all.len() >= 7);
+        let s = all.iter().find(|s| s.id == "basic_clusterip/base").unwrap();
+        let eps = s.endpoints().unwrap();
+        let remote = eps
+            .iter()
+            .find(|e| e.ip.to_string() == "10.180.2.1")
+            .unwrap();
+        assert_eq!(remote.node_name.as_deref(), Some("node2"));
+        assert!(
+            remote.ports.contains(&(Protocol::TCP, 5353))
+                && remote.ports.contains(&(Protocol::SCTP, 53))
+        );
+        let e = all
+            .iter()
+            .find(|s| s.id == "external_traffic_policy_local/base")
+            .unwrap();
+        assert_eq!(e.service_vips().len(), 2);
+        assert_eq!(e.node_ports(), vec![(Protocol::TCP, 3001)]);
+    }
 }

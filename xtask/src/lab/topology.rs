@@ -80,6 +80,15 @@ fn via_cmd(net: ipnet::IpNet, dev: &str) -> String {
 
 impl Lab {
     pub fn build(plan: Plan) -> Result<Lab> {
+        Self::build_named(plan, &std::collections::BTreeMap::new(), Mode::Line)
+    }
+
+    /// Like [`Lab::build`], endpoint servers answering as `names[ip]` (default `ep-IP`) in `mode`.
+    pub fn build_named(
+        plan: Plan,
+        names: &std::collections::BTreeMap<IpAddr, String>,
+        mode: Mode,
+    ) -> Result<Lab> {
         let base = format!(
             "{}{}-",
             netns::prefix(),
@@ -104,7 +113,7 @@ impl Lab {
         };
         lab.configure().context("configuring the lab topology")?;
         let mut lab = lab;
-        lab.start_servers()?;
+        lab.start_servers(names, mode)?;
         Ok(lab)
     }
 
@@ -257,7 +266,11 @@ impl Lab {
         Ok(())
     }
 
-    fn start_servers(&mut self) -> Result<()> {
+    fn start_servers(
+        &mut self,
+        names: &std::collections::BTreeMap<IpAddr, String>,
+        mode: Mode,
+    ) -> Result<()> {
         let p = self.plan.clone();
         for (ip, ports) in &p.servers {
             let listen: Vec<(Protocol, SocketAddr)> = ports
@@ -265,8 +278,8 @@ impl Lab {
                 .map(|(proto, port)| (*proto, SocketAddr::new(*ip, *port)))
                 .collect();
             let ns = self.ns_of(*ip).path();
-            self.servers
-                .spawn(&ns, &format!("ep-{ip}"), &listen, Mode::Line)?;
+            let name = names.get(ip).cloned().unwrap_or_else(|| format!("ep-{ip}"));
+            self.servers.spawn(&ns, &name, &listen, mode)?;
         }
         let node: Vec<_> = p.node_listen.iter().copied().collect();
         self.servers
@@ -299,16 +312,5 @@ impl Lab {
         let ns = self.ns_of(src).path();
         netns::in_netns(&ns, || probe::probe(proto, src, dst, timeout))
             .with_context(|| format!("probe {proto:?} {src} -> {dst}"))
-    }
-
-    /// Extra servers (demo pods with HTTP mode).
-    pub fn serve(
-        &mut self,
-        ns_path: &str,
-        name: &str,
-        listen: &[(Protocol, SocketAddr)],
-        mode: Mode,
-    ) -> Result<()> {
-        self.servers.spawn(ns_path, name, listen, mode)
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
-use crate::lab::plan::{LAB_PORT, Plan};
+use crate::lab::plan::{LAB_PORT, LAB_V4, LAB_V6, Plan, Role};
 use crate::lab::probe::Outcome;
 use crate::lab::topology::Lab;
 use crate::scenario::Protocol;
@@ -136,7 +136,34 @@ pub fn run(lab: &Lab, timeout: Duration) -> Result<Report> {
         }
         lab.node.sh(&format!("nft delete table inet {TABLE}"))?;
     }
-    // 4. With the table gone the node answers again: nothing of the self-test is left behind.
+    // 4. Masquerade is visible: SNAT on the way to a local pod makes the server see the node's
+    //    lab primary address (LAB-NOTES: the uplink's first address is the masquerade source).
+    let pod_target = p.servers.iter().find_map(|(ip, ports)| {
+        let Role::Pod(i) = p.role(*ip) else {
+            return None;
+        };
+        let port = ports.iter().find(|(proto, _)| *proto == Protocol::TCP)?.1;
+        Some((i, SocketAddr::new(*ip, port)))
+    });
+    if let Some((i, dst)) = pod_target {
+        lab.node.sh(&format!(
+            "nft -f - <<'EOF'\ntable inet {TABLE} {{\n chain post {{\n  type nat hook postrouting priority 100;\n  oifname \"p{i}\" masquerade\n }}\n}}\nEOF"
+        ))?;
+        let want = if dst.is_ipv6() {
+            IpAddr::V6(LAB_V6)
+        } else {
+            IpAddr::V4(LAB_V4)
+        };
+        let src = Plan::lab_external(dst.is_ipv6());
+        match lab.probe(Protocol::TCP, src, dst, timeout)? {
+            Outcome::Answered { answer, .. } if answer.peer.ip() == want => checks += 1,
+            o => bail!(
+                "self-test: masquerade {src} -> {dst}: expected the server to see {want}, got {o}"
+            ),
+        }
+        lab.node.sh(&format!("nft delete table inet {TABLE}"))?;
+    }
+    // 5. With the table gone the node answers again: nothing of the self-test is left behind.
     for &ip in &primaries {
         expect_answer(
             lab,

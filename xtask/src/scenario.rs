@@ -408,13 +408,7 @@ mod tests {
 
     #[test]
     fn shared_scenarios_parse_with_endpoint_info() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/scenarios");
-        let dir = if dir.exists() {
-            dir
-        } else {
-            "/work/shared/scenarios".into()
-        };
-        let all = load(&[dir]).unwrap();
+        let all = load(&crate::conformance::default_paths(&[])).unwrap();
         assert!(all.len() >= 7);
         let s = all.iter().find(|s| s.id == "basic_clusterip/base").unwrap();
         let eps = s.endpoints().unwrap();

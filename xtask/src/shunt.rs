@@ -368,9 +368,8 @@ mod tests {
 
     #[test]
     fn contract_command_line() {
-        let text = std::fs::read_to_string(repo_root().join("../shared/scenarios/nodeport.yaml"))
-            .or_else(|_| std::fs::read_to_string("/work/shared/scenarios/nodeport.yaml"))
-            .unwrap();
+        let dir = crate::conformance::default_paths(&[]).remove(0);
+        let text = std::fs::read_to_string(dir.join("nodeport.yaml")).unwrap();
         let mut s = crate::scenario::parse(&text).unwrap().remove(0);
         let a = args(&s, ProxyMode::Nftables, Path::new("/tmp/m"), None).join(" ");
         assert_eq!(

@@ -214,13 +214,7 @@ mod tests {
     use super::*;
 
     fn scenarios() -> Vec<Scenario> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/scenarios");
-        let dir = if dir.exists() {
-            dir
-        } else {
-            "/work/shared/scenarios".into()
-        };
-        crate::scenario::load(&[dir]).unwrap()
+        crate::scenario::load(&crate::conformance::default_paths(&[])).unwrap()
     }
 
     fn ip(s: &str) -> IpAddr {

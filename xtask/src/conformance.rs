@@ -72,10 +72,10 @@ pub fn run(args: &Args) -> Result<bool> {
         eprintln!("== {} ({})", s.id, s.name);
         if let Err(e) = run_scenario(s, i, &bin, args, timeout, &mut t) {
             // The lab or shunt could not be set up: every packet not yet reported fails.
-            println!("ERROR {} :: {e:#}", s.id);
+            eprintln!("ERROR {} :: {e:#}", s.id);
         }
         if t.failed > before && !args.keep_going && i + 1 < scenarios.len() {
-            println!(
+            eprintln!(
                 "stopping after the first failing scenario ({} more not run; --keep-going runs all)",
                 scenarios.len() - i - 1
             );
@@ -87,7 +87,7 @@ pub fn run(args: &Args) -> Result<bool> {
         line.push_str(&format!(", {} skipped", t.skipped));
     }
     if crate::lab::interrupted() {
-        println!("interrupted");
+        eprintln!("interrupted");
     }
     println!("{line}");
     Ok(t.failed == 0 && !crate::lab::interrupted())

@@ -27,11 +27,64 @@ pub struct Args {
     /// Skip the lab self-test before each scenario.
     #[arg(long)]
     pub no_selftest: bool,
+    /// After each scenario also check `--cleanup` (removes shunt's rules, keeps a canary table).
+    #[arg(long)]
+    pub check_cleanup: bool,
     /// Per-probe timeout in milliseconds (a drop is a timeout).
     #[arg(long, default_value_t = 1500)]
     pub timeout_ms: u64,
     /// Scenario files or directories (default: <repo>/../shared/scenarios).
     pub paths: Vec<PathBuf>,
+}
+
+const CANARY: &str = "shunt_lab_canary";
+
+fn nft_tables(lab: &Lab) -> Result<Vec<String>> {
+    let out = lab.node.sh("nft list tables")?;
+    Ok(out
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// The contract: SIGTERM leaves the rules in place; the same command line plus `--cleanup`
+/// removes everything shunt created and nothing else (the canary table survives).
+fn check_cleanup(
+    bin: &std::path::Path,
+    lab: &Lab,
+    cmdline: &[String],
+    mode: ProxyMode,
+    dir: &std::path::Path,
+) -> Result<String> {
+    let canary = format!("table inet {CANARY}");
+    let before = nft_tables(lab)?;
+    let owned: Vec<&String> = before.iter().filter(|t| **t != canary).collect();
+    if mode == ProxyMode::Nftables && owned.is_empty() {
+        anyhow::bail!("no nftables table left in place after SIGTERM");
+    }
+    let mut args = cmdline.to_vec();
+    args.push("--cleanup".into());
+    let mut proc = Shunt::start(bin, &lab.node, &args, mode, dir)?;
+    let st = proc.wait_exit(Duration::from_secs(30))?;
+    if !st.success() {
+        anyhow::bail!(
+            "shunt --cleanup exited with {st}; stderr:\n{}",
+            proc.stderr_tail(20)
+        );
+    }
+    let after = nft_tables(lab)?;
+    if !after.contains(&canary) {
+        anyhow::bail!("--cleanup removed a table shunt does not own ({canary})");
+    }
+    if mode == ProxyMode::Nftables {
+        let left: Vec<&String> = after.iter().filter(|t| **t != canary).collect();
+        if !left.is_empty() {
+            anyhow::bail!("tables left after --cleanup: {left:?}");
+        }
+    }
+    let names: Vec<&str> = owned.iter().map(|t| t.as_str()).collect();
+    Ok(format!("removed [{}], kept {canary}", names.join(", ")))
 }
 
 /// Explicit paths, else `<repo>/../shared/scenarios` (CI: a fresh clone with shared/ beside it);
@@ -125,6 +178,10 @@ fn run_scenario(
             &manifests,
             cgroup.as_ref().map(|c| c.path.as_path()),
         );
+        if args.check_cleanup {
+            // A table shunt does not own: `--cleanup` must leave it alone.
+            lab.node.sh(&format!("nft add table inet {CANARY}"))?;
+        }
         let mut proc = Shunt::start(bin, &lab.node, &cmdline, args.mode, dir.path())?;
         proc.wait_healthy(Duration::from_secs(30))?;
         for p in &s.packets {
@@ -163,6 +220,19 @@ fn run_scenario(
                 "note: shunt exited with {st} after SIGTERM; stderr:\n{}",
                 proc.stderr_tail(20)
             );
+        }
+        if args.check_cleanup {
+            let head = format!("{} :: --cleanup", s.id);
+            match check_cleanup(bin, &lab, &cmdline, args.mode, dir.path()) {
+                Ok(d) => {
+                    println!("PASS {head} :: {d}");
+                    t.passed += 1;
+                }
+                Err(e) => {
+                    println!("FAIL {head} :: {e:#}");
+                    t.failed += 1;
+                }
+            }
         }
         Ok(())
     })();

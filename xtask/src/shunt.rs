@@ -313,6 +313,27 @@ impl Shunt {
         )
     }
 
+    /// Waits (bounded) for the process to exit on its own (`--cleanup` runs).
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            crate::lab::check_interrupted()?;
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "shunt did not exit within {limit:?}; stderr:\n{}",
+            self.stderr_tail(20)
+        )
+    }
+
     /// SIGTERM and a bounded wait for exit.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let Some(mut child) = self.child.take() else {

@@ -156,7 +156,7 @@ fn run_scenario(
 ) -> Result<()> {
     let mut reported = 0;
     let result = (|| -> Result<()> {
-        let lab =
+        let mut lab =
             Lab::build(Plan::new(s)?).with_context(|| format!("{}: building the lab", s.id))?;
         if !args.no_selftest {
             let r =
@@ -172,6 +172,7 @@ fn run_scenario(
         } else {
             None
         };
+        lab.probe_cgroup = cgroup.as_ref().map(|c| c.path.clone());
         let cmdline = shunt::args(
             s,
             args.mode,

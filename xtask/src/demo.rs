@@ -140,7 +140,7 @@ pub fn run(a: &Args) -> Result<bool> {
         .collect();
     println!("shunt demo ({} mode)", a.mode.flag());
     println!("  building a two-node network-namespace cluster ...");
-    let lab = Lab::build_named(Plan::new(&all)?, &names, Mode::Http)?;
+    let mut lab = Lab::build_named(Plan::new(&all)?, &names, Mode::Http)?;
     for (pod, ip, node) in PODS {
         println!("    {node}  {pod}  {ip}:8080 (HTTP server answering with its name)");
     }
@@ -168,6 +168,7 @@ pub fn run(a: &Args) -> Result<bool> {
     } else {
         None
     };
+    lab.probe_cgroup = cgroup.as_ref().map(|c| c.path.clone());
     let args = shunt::args(
         &before,
         a.mode,

@@ -11,7 +11,7 @@ mod testcmd;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,8 +32,54 @@ enum Cmd {
     },
     /// A small two-node netns cluster showing shunt balancing and following an EndpointSlice edit.
     Demo(demo::Args),
+    /// Internal: the lab's helper process (probes that must run inside a cgroup).
+    #[command(hide = true)]
+    LabAgent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+    },
     /// Everything: install-deps, fmt, clippy, cargo test, conformance (nftables).
     Test,
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Join CGROUP (cgroup.procs), then NETNS, send one probe, print the encoded outcome.
+    Probe {
+        #[arg(long)]
+        netns: String,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        proto: String,
+        #[arg(long)]
+        src: std::net::IpAddr,
+        #[arg(long)]
+        dst: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1500)]
+        timeout_ms: u64,
+    },
+}
+
+fn agent_probe(
+    netns: &str,
+    cgroup: Option<&std::path::Path>,
+    proto: &str,
+    src: std::net::IpAddr,
+    dst: std::net::SocketAddr,
+    timeout_ms: u64,
+) -> Result<bool> {
+    if let Some(cg) = cgroup {
+        // Writing "0" moves the writing process (cgroup v2 cgroup.procs); done before any
+        // socket exists, since cgroup socket hooks act on the cgroup of the socket's creator.
+        std::fs::write(cg.join("cgroup.procs"), "0")
+            .with_context(|| format!("joining cgroup {}", cg.display()))?;
+    }
+    let proto = scenario::Protocol::parse(proto).with_context(|| format!("--proto {proto}"))?;
+    lab::netns::enter(netns)?;
+    let o = lab::probe::probe(proto, src, dst, Duration::from_millis(timeout_ms))?;
+    println!("{}", o.encode());
+    Ok(true)
 }
 
 #[derive(Subcommand)]
@@ -123,6 +169,17 @@ fn main() {
         Cmd::Lab { cmd: LabCmd::Gc } => require_lab().map(|()| true),
         Cmd::Demo(a) => require_lab().and_then(|()| demo::run(&a)),
         Cmd::Test => testcmd::run(),
+        Cmd::LabAgent {
+            cmd:
+                AgentCmd::Probe {
+                    netns,
+                    cgroup,
+                    proto,
+                    src,
+                    dst,
+                    timeout_ms,
+                },
+        } => agent_probe(&netns, cgroup.as_deref(), &proto, src, dst, timeout_ms),
     };
     match r {
         Ok(true) => {}

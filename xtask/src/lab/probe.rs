@@ -43,6 +43,49 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+impl Outcome {
+    /// One-line form used between `xtask lab-agent probe` and the lab.
+    pub fn encode(&self) -> String {
+        match self {
+            Outcome::Answered { answer, client } => {
+                format!(
+                    "answered {} {} {} {client}",
+                    answer.name, answer.local, answer.peer
+                )
+            }
+            Outcome::Refused => "refused".into(),
+            Outcome::Timeout => "timeout".into(),
+            Outcome::Error(e) => format!("error {}", e.replace('\n', " ")),
+        }
+    }
+
+    pub fn decode(line: &str) -> Option<Outcome> {
+        let line = line.trim();
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "refused" => Some(Outcome::Refused),
+            "timeout" => Some(Outcome::Timeout),
+            "error" => Some(Outcome::Error(rest.to_owned())),
+            "answered" => {
+                let f: Vec<&str> = rest.split(' ').collect();
+                let [name, local, peer, client] = f[..] else {
+                    return None;
+                };
+                let answer = Answer {
+                    name: name.to_owned(),
+                    local: local.parse().ok()?,
+                    peer: peer.parse().ok()?,
+                };
+                Some(Outcome::Answered {
+                    answer,
+                    client: client.parse().ok()?,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Sends one new connection from `src` (port chosen by the kernel) to `dst`. Must be called on
 /// a thread inside the source's network namespace.
 pub fn probe(proto: Protocol, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<Outcome> {
@@ -124,5 +167,32 @@ fn parse(buf: &[u8], client: SocketAddr) -> Outcome {
     match Answer::parse(&text) {
         Some(answer) => Outcome::Answered { answer, client },
         None => Outcome::Error(format!("unexpected answer {:?}", text.trim())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_encoding_roundtrips() {
+        let a = Answer {
+            name: "ep-10.0.0.1".into(),
+            local: "10.0.0.1:80".parse().unwrap(),
+            peer: "[::1]:5".parse().unwrap(),
+        };
+        for o in [
+            Outcome::Answered {
+                answer: a,
+                client: "10.0.0.2:7".parse().unwrap(),
+            },
+            Outcome::Refused,
+            Outcome::Timeout,
+            Outcome::Error("No route to host (os error 113)".into()),
+        ] {
+            assert_eq!(Outcome::decode(&o.encode()), Some(o));
+        }
+        assert_eq!(Outcome::decode("answered x 1.2.3.4:1"), None);
+        assert_eq!(Outcome::decode("bogus"), None);
     }
 }

@@ -24,6 +24,10 @@ const GW6: &str = "fe80::1";
 /// Field order matters: servers are stopped before the namespaces are deleted.
 pub struct Lab {
     servers: Servers,
+    /// ebpf mode: node- and pod-originated probes run in a child process inside this cgroup,
+    /// so cgroup socket hooks attached under `--cgroup-root` see them as they would a node's
+    /// processes. External and remote-node clients stay outside.
+    pub probe_cgroup: Option<std::path::PathBuf>,
     pub plan: Plan,
     pub node: Netns,
     pub rtr: Netns,
@@ -104,6 +108,7 @@ impl Lab {
         }
         let lab = Lab {
             servers: Servers::new(),
+            probe_cgroup: None,
             plan,
             node,
             rtr,
@@ -310,7 +315,61 @@ impl Lab {
     ) -> Result<Outcome> {
         crate::lab::check_interrupted()?;
         let ns = self.ns_of(src).path();
-        netns::in_netns(&ns, || probe::probe(proto, src, dst, timeout))
-            .with_context(|| format!("probe {proto:?} {src} -> {dst}"))
+        let in_cgroup = matches!(self.plan.role(src), Role::Node | Role::Pod(_));
+        match &self.probe_cgroup {
+            Some(cg) if in_cgroup => probe_in_cgroup(&ns, cg, proto, src, dst, timeout),
+            _ => netns::in_netns(&ns, || probe::probe(proto, src, dst, timeout)),
+        }
+        .with_context(|| format!("probe {proto:?} {src} -> {dst}"))
     }
+}
+
+/// Runs `xtask lab-agent probe` (this binary) as a child that first joins `cgroup`, then the
+/// network namespace, and prints the encoded [`Outcome`]. Bounded by the probe timeout + 10 s.
+fn probe_in_cgroup(
+    ns: &str,
+    cgroup: &std::path::Path,
+    proto: Protocol,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<Outcome> {
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let mut child = std::process::Command::new(exe)
+        .args(["lab-agent", "probe", "--netns", ns, "--cgroup"])
+        .arg(cgroup)
+        .args([
+            "--proto",
+            &format!("{proto:?}"),
+            "--src",
+            &src.to_string(),
+            "--dst",
+            &dst.to_string(),
+        ])
+        .args(["--timeout-ms", &timeout.as_millis().to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + timeout + Duration::from_secs(10);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("lab-agent probe did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Outcome::decode(&text).with_context(|| {
+        format!(
+            "lab-agent probe: {:?} {}",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
 }

@@ -98,18 +98,24 @@ enum LabCmd {
     Gc,
 }
 
+/// The first tool the lab shells out to that is not on PATH.
+pub fn missing_tool() -> Option<&'static str> {
+    ["ip", "nft", "ethtool", "nsenter", "sysctl"]
+        .into_iter()
+        .find(|tool| {
+            !std::env::var_os("PATH")
+                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        })
+}
+
 /// Root and the tools the lab shells out to; a clear message instead of a half-built lab.
 pub fn require_lab() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("the netns lab needs root (network namespaces, veths, nft)");
     }
-    for tool in ["ip", "nft", "ethtool", "nsenter", "sysctl"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
-        if !found {
-            bail!("the netns lab needs `{tool}` on PATH");
-        }
+    if let Some(tool) = missing_tool() {
+        bail!("the netns lab needs `{tool}` on PATH");
     }
     let n = lab::netns::gc()?;
     if n > 0 {

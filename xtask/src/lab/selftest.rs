@@ -15,6 +15,7 @@ use crate::scenario::Protocol;
 
 const TABLE: &str = "shunt_lab_selftest";
 
+#[derive(Debug)]
 pub struct Report {
     pub checks: usize,
 }
@@ -187,4 +188,49 @@ pub fn run(lab: &Lab, timeout: Duration) -> Result<Report> {
         checks += 1;
     }
     Ok(Report { checks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root + tools, else the reason to skip.
+    fn skip_reason() -> Option<String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Some("needs root for network namespaces".into());
+        }
+        crate::missing_tool().map(|t| format!("`{t}` not on PATH"))
+    }
+
+    fn lab_for(id: &str) -> Lab {
+        let all = crate::scenario::load(&crate::conformance::default_paths(&[])).unwrap();
+        let s = all.into_iter().find(|s| s.id == id).unwrap();
+        Lab::build(Plan::new(&s).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn selftest_passes_on_a_fresh_lab() {
+        if let Some(why) = skip_reason() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        let lab = lab_for("basic_clusterip/base");
+        let r = run(&lab, Duration::from_millis(1000)).unwrap();
+        assert!(r.checks > 30, "{} checks", r.checks);
+    }
+
+    #[test]
+    fn selftest_fails_when_the_node_drops_forwarded_traffic() {
+        if let Some(why) = skip_reason() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        let lab = lab_for("nodeport/ipv4");
+        let t = "nft add table inet broken; nft add chain inet broken f \
+                 '{ type filter hook forward priority 0; policy drop; }'";
+        lab.node.sh(t).unwrap();
+        let e = run(&lab, Duration::from_millis(500)).unwrap_err();
+        assert!(format!("{e:#}").contains("timeout"), "{e:#}");
+    }
 }

@@ -12,11 +12,12 @@ pub enum Result {
     Fail(String),
 }
 
-/// How many connections to open for an expectation (several for endpoint sets, so a wrong
-/// endpoint in the random choice has a chance to show; one for verdicts).
+/// How many connections to open for an expectation: several for endpoint sets, so a wrong
+/// endpoint in a random choice shows (a 50/50 wrong choice escapes 8 tries with p = 1/256);
+/// one for verdicts.
 pub fn attempts(e: &Expectation) -> usize {
     match e {
-        Expectation::Endpoints { set, .. } => (4 * set.len()).clamp(4, 16),
+        Expectation::Endpoints { set, .. } => (4 * set.len()).clamp(8, 16),
         _ => 1,
     }
 }

@@ -117,9 +117,9 @@ pub fn require_lab() -> Result<()> {
     if let Some(tool) = missing_tool() {
         bail!("the netns lab needs `{tool}` on PATH");
     }
-    let n = lab::netns::gc()?;
+    let n = lab::netns::gc()? + shunt::Cgroup::gc();
     if n > 0 {
-        eprintln!("removed {n} namespace(s) left by earlier lab runs");
+        eprintln!("removed {n} namespace(s)/cgroup(s) left by earlier lab runs");
     }
     lab::install_signal_handlers();
     Ok(())

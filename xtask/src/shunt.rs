@@ -191,22 +191,50 @@ pub struct Cgroup {
     pub path: PathBuf,
 }
 
+fn cgroup2_mount() -> Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // mountinfo: "... mount-point ... - fstype source opts"
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .context("no cgroup2 mount found in /proc/self/mountinfo")
+}
+
 impl Cgroup {
     pub fn create(tag: &str) -> Result<Cgroup> {
-        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
-        // mountinfo: "... mount-point ... - fstype source opts"
-        let mount = info
-            .lines()
-            .find_map(|l| {
-                let (pre, post) = l.split_once(" - ")?;
-                (post.split_whitespace().next()? == "cgroup2")
-                    .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
-            })
-            .context("no cgroup2 mount found in /proc/self/mountinfo")?;
+        let mount = cgroup2_mount()?;
         let path = mount.join(format!("{}{tag}", netns::prefix()));
         std::fs::create_dir(&path)
             .with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(Cgroup { path })
+    }
+
+    /// Removes empty `shunt-lab-<pid>-*` cgroups of runs that no longer exist.
+    pub fn gc() -> usize {
+        let Ok(mount) = cgroup2_mount() else { return 0 };
+        let Ok(dir) = std::fs::read_dir(&mount) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix("shunt-lab-") else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid != std::process::id()
+                && !Path::new(&format!("/proc/{pid}")).exists()
+                && std::fs::remove_dir(e.path()).is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
     }
 }
 

@@ -1,4 +1,8 @@
 //! `cargo xtask`: the netns lab, conformance runs, the demo and the all-tests command.
+//!
+//! Lab servers and probes are threads of this process that `setns` into a namespace (a socket
+//! keeps the namespace it was created in), so nothing can outlive a run. The only helper process
+//! is `lab-agent probe`, for ebpf mode, where a probe must belong to the lab cgroup.
 
 mod check;
 mod conformance;

@@ -34,7 +34,7 @@ ip netns exec "$ns" "$shunt" --proxy-mode "$mode" --manifests "$dir" --hostname-
     --detect-local-mode ClusterCIDR --cluster-cidr 10.0.0.0/8 --nodeport-addresses 192.168.0.2/32 \
     --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 2>"$dir/shunt.log" &
 pid=$!
-for _ in $(seq 1 1200); do
+for _ in $(seq 1 6000); do
     code=$(ip netns exec "$ns" curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:10256/healthz || true)
     [ "$code" = 200 ] && break
     sleep 0.05

@@ -2,15 +2,17 @@
 //! calls stale, with the `conntrack` tool (conntrack-tools), inside whatever network
 //! namespace the command prefix selects.
 //!
-//! Use: `Conntrack::clean_stale_udp(snapshots)` after the new rules are in place (so that a
-//! client's next packet is NATed by them, as upstream orders it). It lists each family's UDP
-//! entries (`conntrack -L -p udp -f ipv4|ipv6`), asks `plan::conntrack::stale_udp_filters`
-//! which are stale, and deletes them with one precise `conntrack -D` per (service frontend,
-//! stale reply source). Nothing depends on an earlier sync, so it is safe after a restart.
+//! Use: `Conntrack::clean_stale_udp(snapshots, deleted)` after the new rules are in place (so
+//! that a client's next packet is NATed by them, as upstream orders it). It lists each
+//! family's UDP entries (`conntrack -L -p udp -f ipv4|ipv6`), asks
+//! `plan::conntrack::stale_udp_filters` which are stale, and deletes them with one precise
+//! `conntrack -D` per (service frontend, stale reply source). Only `deleted` (the UDP service
+//! ports removed since the last sync, `plan::conntrack::deleted_udp_ports`) comes from an
+//! earlier sync; with none (after a restart) healthy flows are never touched.
 use std::process::{Command, Stdio};
 
 use super::DataplaneError;
-use crate::model::{IpFamily, Protocol, Snapshot};
+use crate::model::{IpFamily, Protocol, ServicePort, Snapshot};
 use crate::plan::conntrack::{ConntrackEntry, ConntrackFilter, stale_udp_filters};
 
 /// Runs the `conntrack` tool.
@@ -31,7 +33,7 @@ fn args(list: &[&str]) -> Vec<String> {
 }
 
 /// `conntrack -D` arguments deleting the UDP entries of one filter: original destination
-/// address and port, and reply source (upstream's filterForIPPortNAT).
+/// address and port, reply source address and port (upstream's filterForIPPortNAT).
 pub fn filter_delete_args(f: &ConntrackFilter) -> Vec<String> {
     args(&[
         "-D",
@@ -45,6 +47,8 @@ pub fn filter_delete_args(f: &ConntrackFilter) -> Vec<String> {
         &f.orig_dport.to_string(),
         "--reply-src",
         &f.reply_src.to_string(),
+        "--reply-port-src",
+        &f.reply_sport.to_string(),
     ])
 }
 
@@ -213,11 +217,16 @@ impl Conntrack {
     }
 
     /// Deletes the stale UDP entries of every family in `snapshots` (one snapshot per family,
-    /// as programmed); returns how many were deleted. A failure to list or delete does not stop
+    /// as programmed), given the UDP service ports deleted since the last sync (empty when
+    /// unknown, e.g. after a restart); returns how many were deleted. A failure to list or delete does not stop
     /// the rest; the error then names every failure and how many entries were deleted anyway
     /// (a stale entry that survives only ages out, as upstream accepts).
-    pub fn clean_stale_udp(&self, snapshots: &[Snapshot]) -> Result<u64, DataplaneError> {
-        let mut deleted = 0;
+    pub fn clean_stale_udp(
+        &self,
+        snapshots: &[Snapshot],
+        deleted: &[ServicePort],
+    ) -> Result<u64, DataplaneError> {
+        let mut count = 0;
         let mut failures = Vec::new();
         for snap in snapshots {
             let family = snap.network.family;
@@ -228,18 +237,18 @@ impl Conntrack {
                     continue;
                 }
             };
-            for filter in stale_udp_filters(snap, &entries) {
+            for filter in stale_udp_filters(snap, deleted, &entries) {
                 match self.delete_filter(&filter) {
-                    Ok(n) => deleted += n,
+                    Ok(n) => count += n,
                     Err(e) => failures.push(e.to_string()),
                 }
             }
         }
         if failures.is_empty() {
-            Ok(deleted)
+            Ok(count)
         } else {
             Err(DataplaneError::Other(format!(
-                "stale UDP conntrack cleanup ({deleted} entries deleted): {}",
+                "stale UDP conntrack cleanup ({count} entries deleted): {}",
                 failures.join("; ")
             )))
         }
@@ -326,10 +335,12 @@ mod tests {
             orig_dst: ip("172.30.0.10"),
             orig_dport: 53,
             reply_src: ip("10.180.0.1"),
+            reply_sport: 5353,
         };
         assert_eq!(
             filter_delete_args(&f).join(" "),
-            "-D -f ipv4 -p udp --orig-dst 172.30.0.10 --dport 53 --reply-src 10.180.0.1"
+            "-D -f ipv4 -p udp --orig-dst 172.30.0.10 --dport 53 --reply-src 10.180.0.1 \
+             --reply-port-src 5353"
         );
         let e = ConntrackEntry {
             family: IpFamily::V6,

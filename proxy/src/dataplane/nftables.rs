@@ -16,13 +16,15 @@ use serde_json::Value;
 
 use super::conntrack::Conntrack;
 use super::{Changed, Dataplane, DataplaneError, SyncOutcome, SyncRequest};
-use crate::model::IpFamily;
-use crate::plan::conntrack::cleanup_needed;
+use crate::model::{IpFamily, Snapshot};
+use crate::plan::conntrack::{cleanup_needed, deleted_udp_ports};
 use crate::plan::nft::{self, KernelSet, KernelTable, Ruleset, Transaction, names::TABLE};
 
 /// What the last successful sync programmed.
 struct Programmed {
     rulesets: Vec<Ruleset>,
+    /// Only to tell which UDP service ports a sync deletes (their flows are then stale).
+    snapshots: Vec<Snapshot>,
 }
 
 pub struct NftablesDataplane {
@@ -205,10 +207,16 @@ impl NftablesDataplane {
 
         // Stale UDP flows are deleted once the new rules are in place (as upstream), so that
         // the client's next packet is NATed by the new rules. The decision reads the kernel's
-        // entries and the new state only, so a restarted backend keeps healthy flows.
+        // entries and the new state (plus the UDP ports deleted since the last sync, unknown
+        // after a restart), so a restarted backend keeps healthy flows.
+        let gone = self
+            .programmed
+            .as_ref()
+            .map(|p| deleted_udp_ports(&p.snapshots, request.snapshots))
+            .unwrap_or_default();
         let mut deleted = 0;
-        if tx.full || cleanup_needed(request.changed, request.snapshots) {
-            match self.conntrack.clean_stale_udp(request.snapshots) {
+        if tx.full || cleanup_needed(request.changed, request.snapshots, &gone) {
+            match self.conntrack.clean_stale_udp(request.snapshots, &gone) {
                 Ok(n) => deleted = n,
                 // A failed deletion leaves a stale flow that ages out; the rules are in
                 // place, so the sync itself succeeded (upstream logs and carries on).
@@ -220,7 +228,10 @@ impl NftablesDataplane {
             .iter()
             .map(|rs| (format!("{} {}", rs.family.nft(), TABLE), rs.rule_count()))
             .collect();
-        self.programmed = Some(Programmed { rulesets });
+        self.programmed = Some(Programmed {
+            rulesets,
+            snapshots: request.snapshots.to_vec(),
+        });
         Ok(SyncOutcome {
             full: tx.full,
             rules_total,
@@ -389,7 +400,7 @@ mod tests {
     use std::process::Command;
 
     use super::*;
-    use crate::model::{Protocol, ServiceKey, Snapshot};
+    use crate::model::{Protocol, ServiceKey};
     use crate::plan::nft::fixtures::*;
     use crate::plan::nft::names;
 
@@ -1037,6 +1048,26 @@ mod tests {
         assert!(!out.full);
         assert_eq!(out.conntrack_deleted, 1);
         assert_eq!(find(40000), None, "flow to the removed endpoint deleted");
+        assert_eq!(find(40001).as_ref(), Some(&direct_flow));
+
+        // The endpoint comes back and the client talks again; then the Service is deleted:
+        // its flow goes too (kubernetes#141371), the direct one stays.
+        dp2.sync(SyncRequest {
+            snapshots: &healthy,
+            changed: &changed(&[("ns1", "dns")]),
+        })
+        .unwrap();
+        assert_eq!(udp_ping(&ns, 40000, "172.30.0.53:53"), "data:pong");
+        assert!(find(40000).is_some());
+        let none = vec![snapshot(v4_network(), vec![])];
+        let out = dp2
+            .sync(SyncRequest {
+                snapshots: &none,
+                changed: &changed(&[("ns1", "dns")]),
+            })
+            .unwrap();
+        assert_eq!(out.conntrack_deleted, 1);
+        assert_eq!(find(40000), None, "flow of the deleted Service deleted");
         assert_eq!(find(40001).as_ref(), Some(&direct_flow));
         dp2.cleanup().unwrap();
     }

@@ -1,6 +1,6 @@
 //! PURE: which UDP conntrack entries are stale, judged from the kernel's entries and the
-//! current desired state only (kube-proxy's pkg/proxy/conntrack/cleanup.go,
-//! `CleanStaleEntries`, releases 1.31+).
+//! current desired state (kube-proxy's pkg/proxy/conntrack/cleanup.go, `CleanStaleEntries`,
+//! the reconciler that replaced the diff-based cleanup in v1.32).
 //!
 //! UDP has no connection teardown, so an entry DNATing a client to an endpoint that is gone
 //! keeps blackholing that client, and an entry created while a Service had no endpoints (no

@@ -17,12 +17,13 @@ use serde_json::Value;
 use super::conntrack::Conntrack;
 use super::{Changed, Dataplane, DataplaneError, SyncOutcome, SyncRequest};
 use crate::model::{IpFamily, Snapshot};
-use crate::plan::conntrack::stale_udp;
+use crate::plan::conntrack::{cleanup_needed, deleted_udp_ports};
 use crate::plan::nft::{self, KernelSet, KernelTable, Ruleset, Transaction, names::TABLE};
 
 /// What the last successful sync programmed.
 struct Programmed {
     rulesets: Vec<Ruleset>,
+    /// Only to tell which UDP service ports a sync deletes (their flows are then stale).
     snapshots: Vec<Snapshot>,
 }
 
@@ -205,23 +206,21 @@ impl NftablesDataplane {
         }
 
         // Stale UDP flows are deleted once the new rules are in place (as upstream), so that
-        // the client's next packet is NATed by the new rules.
+        // the client's next packet is NATed by the new rules. The decision reads the kernel's
+        // entries and the new state (plus the UDP ports deleted since the last sync, unknown
+        // after a restart), so a restarted backend keeps healthy flows.
+        let gone = self
+            .programmed
+            .as_ref()
+            .map(|p| deleted_udp_ports(&p.snapshots, request.snapshots))
+            .unwrap_or_default();
         let mut deleted = 0;
-        for snap in request.snapshots {
-            let prev = self.programmed.as_ref().and_then(|p| {
-                p.snapshots
-                    .iter()
-                    .find(|s| s.network.family == snap.network.family)
-            });
-            for filter in stale_udp(prev, snap) {
-                match self.conntrack.delete(&filter) {
-                    Ok(n) => deleted += n,
-                    // A failed deletion leaves a stale flow that ages out; the rules are in
-                    // place, so the sync itself succeeded (upstream logs and carries on).
-                    Err(e) => {
-                        tracing::warn!(?filter, error = %e, "deleting stale UDP conntrack entries")
-                    }
-                }
+        if tx.full || cleanup_needed(request.changed, request.snapshots, &gone) {
+            match self.conntrack.clean_stale_udp(request.snapshots, &gone) {
+                Ok(n) => deleted = n,
+                // A failed deletion leaves a stale flow that ages out; the rules are in
+                // place, so the sync itself succeeded (upstream logs and carries on).
+                Err(e) => tracing::warn!(error = %e, "deleting stale UDP conntrack entries"),
             }
         }
 
@@ -873,5 +872,203 @@ mod tests {
         dp.cleanup().unwrap();
         // Without our rules the service CIDR is just a route to nowhere: no reject.
         assert_ne!(connect(&ns, "172.30.0.43:80"), "refused");
+    }
+
+    /// Sends one UDP datagram from 192.168.0.2:`sport` and prints the answer.
+    fn udp_ping(ns: &Netns, sport: u16, addr: &str) -> String {
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let script = format!(
+            "import socket\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('192.168.0.2', {sport})); s.settimeout(1)\n\
+             s.sendto(b'ping', ('{host}', {port}))\n\
+             try: print('data:' + s.recv(64).decode())\n\
+             except socket.timeout: print('timeout')\n\
+             except OSError as e: print('error:%d' % e.errno)\n"
+        );
+        ns.exec(&["python3", "-c", &script])
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn udp_flows_survive_a_restart_and_go_with_their_endpoint() {
+        use crate::model::ServicePortState;
+        use crate::plan::conntrack::ConntrackEntry;
+
+        if let Some(why) = skip_reason() {
+            eprintln!("skipping live conntrack test: {why}");
+            return;
+        }
+        if tool_missing("python3") {
+            eprintln!("skipping live conntrack test: python3 not installed");
+            return;
+        }
+        let ns = Netns(format!("shunt-ct-live-{}", std::process::id()));
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &ns.0])
+                .status()
+                .unwrap()
+                .success()
+        );
+        // The same node layout as the live TCP test: node address on a veth, a route for the
+        // service CIDR, the "pod" endpoint as a local address.
+        for cmd in [
+            "ip link set lo up",
+            "ip link add up0 type veth peer name up1",
+            "ip link set up0 up",
+            "ip link set up1 up",
+            "ip addr add 192.168.0.2/24 dev up0",
+            "ip route add 172.30.0.0/16 dev up0",
+            "ip addr add 10.180.0.1/32 dev lo",
+        ] {
+            let args: Vec<&str> = cmd.split(' ').collect();
+            ns.exec(&args).unwrap();
+        }
+        let server = "import socket, time\n\
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+            s.bind(('10.180.0.1', 5353)); s.settimeout(0.5)\n\
+            end = time.time() + 30\n\
+            while time.time() < end:\n    try:\n        d, a = s.recvfrom(64); s.sendto(b'pong', a)\n    except socket.timeout: pass\n";
+        let _server = Child(
+            Command::new("ip")
+                .args(["netns", "exec", &ns.0, "python3", "-c", server])
+                .spawn()
+                .unwrap(),
+        );
+        let prefix: Vec<String> = ["ip", "netns", "exec", &ns.0]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut conntrack_argv = prefix.clone();
+        conntrack_argv.push("conntrack".to_string());
+        let ct = Conntrack::new(conntrack_argv);
+        let dns = |eps: Vec<crate::model::Endpoint>| -> Vec<Snapshot> {
+            let p = port("ns1", "dns", "dns", Protocol::Udp, "172.30.0.53", 53);
+            let s: ServicePortState = state(p, eps);
+            vec![snapshot(v4_network(), vec![s])]
+        };
+        let healthy = dns(vec![ep("10.180.0.1", 5353, Some(NODE))]);
+
+        let mut dp = NftablesDataplane::with_command(prefix.clone()).unwrap();
+        dp.sync(SyncRequest {
+            snapshots: &healthy,
+            changed: &Changed::All,
+        })
+        .unwrap();
+        // Wait (bounded) for the server, talking to the endpoint directly: a flow that is
+        // not Service traffic and must never be touched.
+        let mut direct = String::new();
+        for _ in 0..50 {
+            direct = udp_ping(&ns, 40001, "10.180.0.1:5353");
+            if direct == "data:pong" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(direct, "data:pong", "test server did not come up");
+        assert_eq!(
+            udp_ping(&ns, 40000, "172.30.0.53:53"),
+            "data:pong",
+            "ClusterIP DNAT"
+        );
+        let find = |sport: u16| -> Option<ConntrackEntry> {
+            ct.list_udp(IpFamily::V4)
+                .unwrap()
+                .into_iter()
+                .find(|e| e.orig_sport == sport && e.orig_src == ip("192.168.0.2"))
+        };
+        let flow = find(40000).expect("the Service flow is in the conntrack table");
+        assert_eq!(
+            (
+                flow.orig_dst,
+                flow.orig_dport,
+                flow.reply_src,
+                flow.reply_sport
+            ),
+            (ip("172.30.0.53"), 53, ip("10.180.0.1"), 5353)
+        );
+        let direct_flow = find(40001).expect("the direct flow is in the conntrack table");
+        // A flow made to the ClusterIP before it had endpoints: never DNATed.
+        ns.exec(&[
+            "conntrack",
+            "-I",
+            "-p",
+            "udp",
+            "-s",
+            "192.168.0.2",
+            "-d",
+            "172.30.0.53",
+            "--sport",
+            "40500",
+            "--dport",
+            "53",
+            "-r",
+            "172.30.0.53",
+            "-q",
+            "192.168.0.2",
+            "--reply-port-src",
+            "53",
+            "--reply-port-dst",
+            "40500",
+            "--timeout",
+            "120",
+        ])
+        .unwrap();
+        assert!(find(40500).is_some());
+
+        // Restart: a new backend with no memory fully syncs the same state. The live flow and
+        // the direct one survive; only the un-DNATed one goes.
+        let mut dp2 = NftablesDataplane::with_command(prefix).unwrap();
+        let out = dp2
+            .sync(SyncRequest {
+                snapshots: &healthy,
+                changed: &Changed::All,
+            })
+            .unwrap();
+        assert!(out.full);
+        assert_eq!(out.conntrack_deleted, 1);
+        assert_eq!(find(40000).as_ref(), Some(&flow), "live flow survived");
+        assert_eq!(find(40001).as_ref(), Some(&direct_flow));
+        assert_eq!(find(40500), None, "un-DNATed flow deleted");
+        assert_eq!(udp_ping(&ns, 40000, "172.30.0.53:53"), "data:pong");
+
+        // The endpoint goes away (replaced by another one): its flow is deleted, the
+        // direct flow stays.
+        let moved = dns(vec![ep("10.180.0.2", 5353, None)]);
+        let out = dp2
+            .sync(SyncRequest {
+                snapshots: &moved,
+                changed: &changed(&[("ns1", "dns")]),
+            })
+            .unwrap();
+        assert!(!out.full);
+        assert_eq!(out.conntrack_deleted, 1);
+        assert_eq!(find(40000), None, "flow to the removed endpoint deleted");
+        assert_eq!(find(40001).as_ref(), Some(&direct_flow));
+
+        // The endpoint comes back and the client talks again; then the Service is deleted:
+        // its flow goes too (kubernetes#141371), the direct one stays.
+        dp2.sync(SyncRequest {
+            snapshots: &healthy,
+            changed: &changed(&[("ns1", "dns")]),
+        })
+        .unwrap();
+        assert_eq!(udp_ping(&ns, 40000, "172.30.0.53:53"), "data:pong");
+        assert!(find(40000).is_some());
+        let none = vec![snapshot(v4_network(), vec![])];
+        let out = dp2
+            .sync(SyncRequest {
+                snapshots: &none,
+                changed: &changed(&[("ns1", "dns")]),
+            })
+            .unwrap();
+        assert_eq!(out.conntrack_deleted, 1);
+        assert_eq!(find(40000), None, "flow of the deleted Service deleted");
+        assert_eq!(find(40001).as_ref(), Some(&direct_flow));
+        dp2.cleanup().unwrap();
     }
 }

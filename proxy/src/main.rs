@@ -34,7 +34,9 @@ fn main() -> ExitCode {
     for w in &settings.warnings {
         warn!("{w}");
     }
-    let result = if settings.cleanup {
+    let result = if settings.cleanup_kube_proxy {
+        cleanup_kube_proxy()
+    } else if settings.cleanup {
         cleanup_all()
     } else {
         run(settings)
@@ -62,6 +64,31 @@ fn init_tracing(verbosity: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// `--cleanup-kube-proxy`: remove kube-proxy's leftovers (swap-in), report what went.
+fn cleanup_kube_proxy() -> anyhow::Result<()> {
+    let report = shunt::dataplane::kube_proxy_cleanup::cleanup_kube_proxy(&[])
+        .context("removing kube-proxy's leftovers")?;
+    for t in &report.iptables {
+        info!(
+            backend = %t.backend,
+            table = %t.table,
+            chains = t.chains.len(),
+            jump_rules = t.jump_rules.len(),
+            "removed kube-proxy iptables state"
+        );
+    }
+    for table in &report.nft_tables {
+        info!(table = %table, "removed kube-proxy nftables table");
+    }
+    for tool in &report.skipped {
+        info!(tool = %tool, "not installed; nothing of kube-proxy's to look for there");
+    }
+    if report.is_empty() {
+        info!("no kube-proxy leftovers found");
+    }
+    Ok(())
 }
 
 /// `--cleanup`: remove what every mode shunt knows created (kube-proxy's platformCleanup

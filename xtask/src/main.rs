@@ -42,7 +42,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AgentCmd,
     },
-    /// Everything: install-deps, fmt, clippy, cargo test, conformance (nftables).
+    /// Everything: install-deps, manifest validation, fmt, clippy, cargo test, conformance (nftables).
     Test,
 }
 

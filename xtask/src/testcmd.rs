@@ -30,6 +30,10 @@ pub fn run() -> Result<bool> {
         );
     }
     step(
+        "validate manifests (kubectl kustomize + kubernetes-validate)",
+        Command::new("bash").arg(repo_root().join("scripts/validate-manifests.sh")),
+    )?;
+    step(
         "cargo fmt --check",
         Command::new(&cargo).args(["fmt", "--all", "--check"]),
     )?;

@@ -52,6 +52,12 @@ pub struct Cli {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub cleanup: Option<bool>,
 
+    /// Remove what kube-proxy leaves behind (its iptables chains and jump rules in every
+    /// backend and family, its `kube-proxy` nftables tables) and exit; nothing else is touched.
+    /// Run once per node after kube-proxy was stopped, before or after starting shunt.
+    #[arg(long)]
+    pub cleanup_kube_proxy: bool,
+
     /// Which proxy mode to use: 'iptables' (default), 'nftables' or 'ebpf'. Ignored if a
     /// config file is specified by --config.
     #[arg(long, value_name = "MODE")]
@@ -199,6 +205,8 @@ pub struct Settings {
     pub sync_period: Duration,
     pub min_sync_period: Duration,
     pub cleanup: bool,
+    /// `--cleanup-kube-proxy`
+    pub cleanup_kube_proxy: bool,
     pub kubeconfig: Option<PathBuf>,
     pub master: Option<String>,
     pub manifests: Option<PathBuf>,
@@ -501,6 +509,7 @@ impl Settings {
             sync_period,
             min_sync_period,
             cleanup: cli.cleanup.unwrap_or(false),
+            cleanup_kube_proxy: cli.cleanup_kube_proxy,
             kubeconfig: raw.kubeconfig,
             master: cli.master.clone().filter(|m| !m.is_empty()),
             manifests: cli.manifests.clone(),

@@ -1,4 +1,6 @@
 //! `cargo xtask test`: the one command that runs every test, stopping at the first failure.
+//! Order: what needs installing, manifest validation, fmt, clippy, unit/integration/namespace
+//! tests, then the packet-level conformance scenarios in nftables mode.
 
 use std::process::Command;
 

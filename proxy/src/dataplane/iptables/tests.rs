@@ -201,6 +201,9 @@ fn run_backend(backend: Backend, tag: &str) {
         .unwrap();
     assert!(out.full);
     let total: u64 = out.rules_total.iter().map(|(_, n)| n).sum();
+    if std::env::var_os("SHUNT_DUMP").is_some() {
+        eprintln!("{}", ns_ok(n, &[&backend.binary(IpFamily::V4, "-save")]));
+    }
     let nat4 = chains(n, backend, IpFamily::V4, "nat");
     let filter4 = chains(n, backend, IpFamily::V4, "filter");
     let nat6 = chains(n, backend, IpFamily::V6, "nat");
@@ -242,7 +245,39 @@ fn run_backend(backend: Backend, tag: &str) {
     assert_eq!(chains(n, backend, IpFamily::V4, "nat"), nat4);
     assert_eq!(chains(n, backend, IpFamily::V4, "filter"), filter4);
 
-    // Partial sync: Service a loses an endpoint.
+    // Partial sync: Service a (UDP) loses endpoint 10.180.0.3. A UDP flow DNATed to it
+    // must be deleted from conntrack, one to a remaining endpoint kept.
+    let flow = |ep: &str, sport: &str| {
+        ns_ok(
+            n,
+            &[
+                "conntrack",
+                "-I",
+                "-p",
+                "udp",
+                "-s",
+                "10.0.0.2",
+                "-d",
+                "172.30.0.10",
+                "--sport",
+                sport,
+                "--dport",
+                "53",
+                "-r",
+                ep,
+                "-q",
+                "10.0.0.2",
+                "--reply-port-src",
+                "53",
+                "--reply-port-dst",
+                sport,
+                "-t",
+                "100",
+            ],
+        );
+    };
+    flow("10.180.0.3", "1111");
+    flow("10.180.0.1", "2222");
     let snaps2 = vec![v4_snapshot(2), v6_snapshot()];
     let changed = Changed::Services(BTreeSet::from([a_name.service.clone()]));
     let out = dp
@@ -252,6 +287,12 @@ fn run_backend(backend: Backend, tag: &str) {
         })
         .unwrap();
     assert!(!out.full);
+    assert_eq!(out.conntrack_deleted, 1);
+    let left = ns_ok(n, &["conntrack", "-L", "-p", "udp"]);
+    assert!(
+        left.contains("sport=2222") && !left.contains("sport=1111"),
+        "{left}"
+    );
     let nat4b = chains(n, backend, IpFamily::V4, "nat");
     let gone = endpoint_chain(a_name, &snaps[0].services[a_name].endpoints[2]);
     assert!(nat4.contains_key(&gone) && !nat4b.contains_key(&gone));

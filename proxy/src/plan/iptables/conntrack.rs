@@ -19,8 +19,10 @@ pub struct ConntrackDelete {
     pub orig_dst: Option<IpAddr>,
     /// Original destination port.
     pub port: u16,
-    /// Only entries DNATed to this endpoint address (reply source).
-    pub dst_nat: Option<IpAddr>,
+    /// Only entries DNATed to this endpoint: the reply comes from it. (`--reply-src`, not
+    /// `--dst-nat`: the latter also requires the IPS_DST_NAT status bit, which entries
+    /// created by other means than the nat table, e.g. restored by conntrackd, lack.)
+    pub reply_src: Option<IpAddr>,
 }
 
 impl ConntrackDelete {
@@ -35,8 +37,8 @@ impl ConntrackDelete {
             a.extend(["--orig-dst".into(), ip.to_string()]);
         }
         a.extend(["--dport".into(), self.port.to_string()]);
-        if let Some(ip) = self.dst_nat {
-            a.extend(["--dst-nat".into(), ip.to_string()]);
+        if let Some(ip) = self.reply_src {
+            a.extend(["--reply-src".into(), ip.to_string()]);
         }
         a
     }
@@ -83,7 +85,7 @@ pub fn stale_udp(prev: &Snapshot, next: &Snapshot) -> BTreeSet<ConntrackDelete> 
                     family,
                     orig_dst,
                     port,
-                    dst_nat: Some(*gone),
+                    reply_src: Some(*gone),
                 });
             }
         }
@@ -102,7 +104,7 @@ pub fn stale_udp(prev: &Snapshot, next: &Snapshot) -> BTreeSet<ConntrackDelete> 
                     family,
                     orig_dst,
                     port,
-                    dst_nat: None,
+                    reply_src: None,
                 });
             }
         }

@@ -678,20 +678,20 @@ fn conntrack_stale_udp_entries() {
                 family: IpFamily::V4,
                 orig_dst: Some(v4("172.30.0.10")),
                 port: 53,
-                dst_nat: Some(v4("10.180.0.2"))
+                reply_src: Some(v4("10.180.0.2"))
             },
             ConntrackDelete {
                 family: IpFamily::V4,
                 orig_dst: None,
                 port: 3053,
-                dst_nat: Some(v4("10.180.0.2"))
+                reply_src: Some(v4("10.180.0.2"))
             },
         ])
     );
     // Back from no endpoints: flush the VIP and NodePort entries.
     let got = stale_udp(&none, &one);
     assert_eq!(got.len(), 2);
-    assert!(got.iter().all(|d| d.dst_nat.is_none()));
+    assert!(got.iter().all(|d| d.reply_src.is_none()));
     assert_eq!(
         got.first().unwrap().args(),
         ["-D", "-p", "udp", "--dport", "3053"]

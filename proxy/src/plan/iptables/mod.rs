@@ -31,6 +31,9 @@
 //! * NodePorts with `--nodeport-addresses` match `-d IP` per address, and the no-endpoint
 //!   REJECT/DROP for NodePorts uses the same destination match (kube-proxy's iptables mode uses
 //!   `--dst-type LOCAL` for the filter rule whatever nodePortAddresses says).
+//! * With `--nodeport-addresses` 0.0.0.0/0 (all local addresses), loopback addresses do not
+//!   accept NodePorts (nftables-mode behaviour; kube-proxy's iptables mode accepts
+//!   127.0.0.1 NodePorts by setting `route_localnet`, a sysctl shunt never changes).
 //! * More than one cluster CIDR per family is supported by `SHUNT-MASQ-NONPOD` (RETURN for
 //!   each pod CIDR, then mark) instead of a single `! -s CIDR` match.
 //! * `-m recent` affinity lists and chain names use the `SHUNT-` prefix; names are
@@ -378,7 +381,16 @@ pub fn build(snap: &Snapshot) -> Ruleset {
     };
     // Destination matches of NodePort traffic.
     let nodeport_dsts: Vec<String> = match &net.node_port_ips {
-        NodePortIps::AllLocal => vec!["-m addrtype --dst-type LOCAL".to_string()],
+        // Loopback is excluded: like the nftables mode (and the model's address lists),
+        // shunt does not support localhost NodePorts (kube-proxy's iptables mode needs
+        // route_localnet for them, which shunt never sets).
+        NodePortIps::AllLocal => vec![format!(
+            "-m addrtype --dst-type LOCAL ! -d {}",
+            match family {
+                IpFamily::V4 => "127.0.0.0/8",
+                IpFamily::V6 => "::1/128",
+            }
+        )],
         NodePortIps::Addresses(a) => a
             .iter()
             .filter(|ip| IpFamily::of(ip) == family)

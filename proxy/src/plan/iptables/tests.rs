@@ -496,6 +496,14 @@ fn local_policies_without_local_endpoints_drop_and_all_local_nodeports() {
             "{src} -> {dst}:{port}"
         );
     }
+    // Loopback never accepts NodePorts.
+    let mut with_lo = node_addrs();
+    with_lo.push(v4("127.0.0.1"));
+    let t2 = tracer(&snap, &with_lo);
+    assert_eq!(
+        t2.trace(&pkt(Protocol::Udp, "127.0.0.1", "127.0.0.1", 3007)),
+        BTreeSet::from([Outcome::Pass { masq: false }])
+    );
     // TCP to the same NodePort number is not ours.
     assert_eq!(
         t.trace(&pkt(Protocol::Tcp, "203.0.113.2", "192.168.1.2", 3007)),
@@ -708,4 +716,307 @@ fn conntrack_stale_udp_entries() {
         Some(3)
     );
     assert_eq!(parse_deleted("garbage"), None);
+}
+
+// ---- the scenario worlds, hand-built (independent of /work/shared being present) ----
+
+enum Want {
+    Eps(&'static [&'static str], bool),
+    To(Vec<SocketAddr>, bool),
+    Drop,
+    Reject,
+    Pass,
+}
+
+fn want(w: &Want) -> BTreeSet<Outcome> {
+    match w {
+        Want::Eps(eps, masq) => eps.iter().map(|e| dnat(e, *masq)).collect(),
+        Want::To(eps, masq) => eps
+            .iter()
+            .map(|&to| Outcome::Dnat { to, masq: *masq })
+            .collect(),
+        Want::Drop => BTreeSet::from([Outcome::Drop]),
+        Want::Reject => BTreeSet::from([Outcome::Reject]),
+        Want::Pass => BTreeSet::from([Outcome::Pass { masq: false }]),
+    }
+}
+
+fn scenario_node() -> Vec<IpAddr> {
+    [
+        "192.168.0.2",
+        "192.168.1.2",
+        "192.168.99.11",
+        "2001:db8::1",
+        "2001:db8:1::2",
+    ]
+    .iter()
+    .map(|s| v4(s))
+    .collect()
+}
+
+fn run_table(name: &str, snap: &Snapshot, rows: &[(Protocol, &str, &str, u16, Want)]) {
+    let t = tracer(snap, &scenario_node());
+    for (proto, src, dst, dport, w) in rows {
+        let p = Packet {
+            protocol: *proto,
+            src: v4(src),
+            dst: v4(dst),
+            dport: *dport,
+        };
+        assert_eq!(
+            t.trace(&p),
+            want(w),
+            "{name}: {src} -> {dst}:{dport} {proto:?}"
+        );
+    }
+}
+
+#[test]
+fn hand_built_basic_clusterip() {
+    use Protocol::*;
+    let svc1 = port("ns1", "svc1", "http", Tcp, "172.30.0.41", 80);
+    let svc2 = |p: &str, proto, port_: u16, target: u16| {
+        state(
+            port("ns2", "svc2", p, proto, "172.30.0.42", port_),
+            vec![
+                ep("10.180.0.1", target, true),
+                ep("10.180.2.1", target, false),
+            ],
+        )
+    };
+    let snap = snapshot(vec![
+        state(svc1, vec![ep("10.180.0.1", 80, true)]),
+        svc2("http", Tcp, 80, 80),
+        svc2("https", Tcp, 443, 8443),
+        svc2("dns-udp", Udp, 53, 53),
+        svc2("dns-tcp", Tcp, 53, 5353),
+        svc2("dns-sctp", Sctp, 53, 53),
+    ]);
+    let both = |p: u16| -> &'static [&'static str] {
+        match p {
+            80 => &["10.180.0.1:80", "10.180.2.1:80"],
+            8443 => &["10.180.0.1:8443", "10.180.2.1:8443"],
+            5353 => &["10.180.0.1:5353", "10.180.2.1:5353"],
+            _ => &["10.180.0.1:53", "10.180.2.1:53"],
+        }
+    };
+    run_table(
+        "basic_clusterip",
+        &snap,
+        &[
+            (
+                Tcp,
+                "10.180.0.2",
+                "172.30.0.41",
+                80,
+                Want::Eps(&["10.180.0.1:80"], false),
+            ),
+            (
+                Tcp,
+                "10.180.0.1",
+                "172.30.0.41",
+                80,
+                Want::Eps(&["10.180.0.1:80"], true),
+            ),
+            (
+                Tcp,
+                "10.180.0.2",
+                "172.30.0.42",
+                80,
+                Want::Eps(both(80), false),
+            ),
+            (
+                Tcp,
+                "10.180.0.2",
+                "172.30.0.42",
+                443,
+                Want::Eps(both(8443), false),
+            ),
+            (
+                Tcp,
+                "10.180.0.2",
+                "172.30.0.42",
+                53,
+                Want::Eps(both(5353), false),
+            ),
+            (
+                Udp,
+                "10.180.0.2",
+                "172.30.0.42",
+                53,
+                Want::Eps(both(53), false),
+            ),
+            (
+                Sctp,
+                "10.180.0.2",
+                "172.30.0.42",
+                53,
+                Want::Eps(both(53), false),
+            ),
+            (Udp, "10.180.0.2", "172.30.0.42", 80, Want::Reject),
+            (Tcp, "10.180.0.2", "172.30.0.41", 443, Want::Reject),
+            (Tcp, "10.180.0.2", "172.30.0.50", 80, Want::Drop),
+        ],
+    );
+}
+
+fn lb_port(etp_local: bool) -> ServicePort {
+    let mut sp = port("ns1", "svc1", "p80", Protocol::Tcp, "172.30.0.41", 80);
+    sp.external_ips = vec![v4("192.168.99.11")];
+    sp.load_balancer_ips = vec![v4("198.51.100.4")];
+    sp.node_port = Some(3001);
+    sp.external_policy_local = etp_local;
+    if etp_local {
+        sp.health_check_node_port = Some(30000);
+    }
+    sp
+}
+
+#[test]
+fn hand_built_external_traffic_policy_local() {
+    use Protocol::Tcp;
+    let snap = snapshot(vec![state(
+        lb_port(true),
+        vec![ep("10.180.0.1", 80, false), ep("10.180.2.1", 80, true)],
+    )]);
+    const BOTH: &[&str] = &["10.180.0.1:80", "10.180.2.1:80"];
+    const LOCAL: &[&str] = &["10.180.2.1:80"];
+    run_table(
+        "external_traffic_policy_local",
+        &snap,
+        &[
+            (Tcp, "10.0.0.2", "172.30.0.41", 80, Want::Eps(BOTH, false)),
+            (Tcp, "10.0.0.2", "192.168.99.11", 80, Want::Eps(BOTH, false)),
+            (
+                Tcp,
+                "203.0.113.2",
+                "192.168.99.11",
+                80,
+                Want::Eps(LOCAL, false),
+            ),
+            (Tcp, "10.0.0.2", "198.51.100.4", 80, Want::Eps(BOTH, false)),
+            (
+                Tcp,
+                "203.0.113.2",
+                "198.51.100.4",
+                80,
+                Want::Eps(LOCAL, false),
+            ),
+            (Tcp, "10.0.0.2", "192.168.0.2", 3001, Want::Eps(BOTH, false)),
+            (
+                Tcp,
+                "203.0.113.2",
+                "192.168.0.2",
+                3001,
+                Want::Eps(LOCAL, false),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn hand_built_no_endpoints_reject() {
+    use Protocol::Tcp;
+    let snap = snapshot(vec![state(lb_port(false), vec![])]);
+    let mut rows = Vec::new();
+    for src in ["10.0.0.2", "203.0.113.2"] {
+        for (dst, p) in [
+            ("172.30.0.41", 80),
+            ("192.168.99.11", 80),
+            ("192.168.0.2", 3001),
+            ("198.51.100.4", 80),
+        ] {
+            rows.push((Tcp, src, dst, p, Want::Reject));
+        }
+    }
+    run_table("no_endpoints_reject", &snap, &rows);
+}
+
+#[test]
+fn hand_built_nodeports() {
+    use Protocol::Tcp;
+    for v6 in [false, true] {
+        for multiple in [false, true] {
+            let (cip, eps, pod, ext, primary, secondary, node_ips): (
+                &str,
+                [&str; 2],
+                &str,
+                &str,
+                &str,
+                &str,
+                Vec<&str>,
+            ) = if v6 {
+                (
+                    "fd00:172:30::41",
+                    ["fd00:10:180::1", "fd00:10:180::2:1"],
+                    "fd00:10::2",
+                    "2001:db8:ff::1",
+                    "2001:db8::1",
+                    "2001:db8:1::2",
+                    if multiple {
+                        vec!["2001:db8::1", "2001:db8:1::2"]
+                    } else {
+                        vec!["2001:db8::1"]
+                    },
+                )
+            } else {
+                (
+                    "172.30.0.41",
+                    ["10.180.0.1", "10.180.2.1"],
+                    "10.0.0.2",
+                    "203.0.113.2",
+                    "192.168.0.2",
+                    "192.168.1.2",
+                    if multiple {
+                        vec!["192.168.0.2", "192.168.1.2"]
+                    } else {
+                        vec!["192.168.0.2"]
+                    },
+                )
+            };
+            let mut sp = port("ns1", "svc1", "p80", Tcp, cip, 80);
+            sp.node_port = Some(3001);
+            let mut e0 = ep("10.0.0.1", 80, false);
+            e0.ip = v4(eps[0]);
+            let mut e1 = ep("10.0.0.1", 80, true);
+            e1.ip = v4(eps[1]);
+            let mut snap = snapshot(vec![state(sp.clone(), vec![e0.clone(), e1.clone()])]);
+            if v6 {
+                snap.network = NodeNetwork {
+                    family: IpFamily::V6,
+                    node_name: "test-node".into(),
+                    primary_ip: Some(v4(primary)),
+                    node_port_ips: NodePortIps::Addresses(vec![]),
+                    local_detector: LocalDetector::ClusterCidr(vec![
+                        "fd00:10::/64".parse().unwrap(),
+                    ]),
+                    masquerade_all: false,
+                    service_cidrs: vec!["fd00:10:96::/112".parse().unwrap()],
+                };
+            }
+            snap.network.node_port_ips =
+                NodePortIps::Addresses(node_ips.iter().map(|s| v4(s)).collect());
+            let all = || vec![e0.addr(), e1.addr()];
+            run_table(
+                &format!("nodeport v6={v6} multiple={multiple}"),
+                &snap,
+                &[
+                    (Tcp, pod, cip, 80, Want::To(all(), false)),
+                    (Tcp, ext, primary, 3001, Want::To(all(), true)),
+                    (Tcp, primary, primary, 3001, Want::To(all(), true)),
+                    (
+                        Tcp,
+                        ext,
+                        secondary,
+                        3001,
+                        if multiple {
+                            Want::To(all(), true)
+                        } else {
+                            Want::Pass
+                        },
+                    ),
+                ],
+            );
+        }
+    }
 }

@@ -115,7 +115,51 @@ fn v4_snapshot(a_endpoints: usize) -> Snapshot {
     b.node_port = Some(3443);
     b.health_check_node_port = Some(30443);
     let b_eps = vec![ep("10.180.1.1", 8443, true), ep("10.180.1.2", 8443, false)];
-    snapshot(vec![state(a, a_eps), state(b, b_eps)])
+    // c: probed with real connections (see `probe`).
+    let c = port("ns3", "c", "", Protocol::Tcp, "172.30.0.30", 80);
+    let c_eps = vec![ep("10.180.0.1", 8080, true)];
+    snapshot(vec![state(a, a_eps), state(b, b_eps), state(c, c_eps)])
+}
+
+/// Real connections from inside the namespace (a thread that joined it): the ClusterIP
+/// reaches the endpoint's listener, a port the Service does not expose is refused, an
+/// unallocated address in the service CIDR is dropped (EPERM for a locally generated packet
+/// dropped in OUTPUT, or a timeout).
+fn probe(ns: &str) {
+    ns_ok(ns, &["ip", "link", "set", "lo", "up"]);
+    // No dummy module on every kernel: a veth pair inside the namespace does as well.
+    ns_ok(ns, &["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns_ok(ns, &["ip", "link", "set", "d1", "up"]);
+    ns_ok(ns, &["ip", "addr", "add", "192.168.0.2/24", "dev", "d0"]);
+    ns_ok(ns, &["ip", "addr", "add", "10.180.0.1/32", "dev", "d0"]);
+    ns_ok(ns, &["ip", "link", "set", "d0", "up"]);
+    ns_ok(ns, &["ip", "route", "add", "172.30.0.0/16", "dev", "d0"]);
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        use std::io::{ErrorKind, Read, Write};
+        use std::net::{SocketAddr, TcpListener, TcpStream};
+        use std::time::Duration;
+        let f = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let l = TcpListener::bind("10.180.0.1:8080").unwrap();
+        let t = Duration::from_secs(2);
+        let to = |a: &str| a.parse::<SocketAddr>().unwrap();
+        let mut c = TcpStream::connect_timeout(&to("172.30.0.30:80"), t).expect("ClusterIP");
+        let (mut srv, _) = l.accept().unwrap();
+        srv.write_all(b"ok").unwrap();
+        let mut buf = [0u8; 2];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ok");
+        let e = TcpStream::connect_timeout(&to("172.30.0.30:81"), t).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "wrong port: {e}");
+        let e = TcpStream::connect_timeout(&to("172.30.0.99:80"), t).unwrap_err();
+        assert!(
+            e.kind() == ErrorKind::PermissionDenied || e.kind() == ErrorKind::TimedOut,
+            "unallocated ClusterIP: {e}"
+        );
+    })
+    .join()
+    .expect("probe thread");
 }
 
 fn run_backend(backend: Backend, tag: &str) {
@@ -235,6 +279,8 @@ fn run_backend(backend: Backend, tag: &str) {
     assert_eq!(jumps(&nat4, "PREROUTING", "SHUNT-SERVICES"), 1);
     assert_eq!(jumps(&nat6, "OUTPUT", "SHUNT-SERVICES"), 1);
     assert_eq!(jumps(&filter4, "FORWARD", "SHUNT-FORWARD"), 1);
+
+    probe(n);
 
     // A second full sync neither duplicates jump rules nor changes anything.
     dp.sync(SyncRequest {

@@ -403,10 +403,13 @@ impl Dataplane for IptablesDataplane {
     fn sync(&mut self, request: SyncRequest<'_>) -> Result<SyncOutcome, DataplaneError> {
         let full = self.need_full
             || matches!(request.changed, Changed::All)
-            || request
-                .snapshots
-                .iter()
-                .any(|s| !self.families.contains_key(&s.network.family));
+            // A node-wide change (detector, NodePort addresses, ...) touches rules of every
+            // Service: never partial, whatever the caller says.
+            || request.snapshots.iter().any(|s| {
+                self.families
+                    .get(&s.network.family)
+                    .is_none_or(|prev| prev.snapshot.network != s.network)
+            });
         // Pessimistic: cleared only when every family succeeded.
         self.need_full = true;
         let mut totals: BTreeMap<Table, u64> = BTreeMap::new();

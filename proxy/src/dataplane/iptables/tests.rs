@@ -128,7 +128,12 @@ fn v4_snapshot(a_endpoints: usize) -> Snapshot {
 fn probe(ns: &str) {
     ns_ok(ns, &["ip", "link", "set", "lo", "up"]);
     // No dummy module on every kernel: a veth pair inside the namespace does as well.
-    ns_ok(ns, &["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns_ok(
+        ns,
+        &[
+            "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+        ],
+    );
     ns_ok(ns, &["ip", "link", "set", "d1", "up"]);
     ns_ok(ns, &["ip", "addr", "add", "192.168.0.2/24", "dev", "d0"]);
     ns_ok(ns, &["ip", "addr", "add", "10.180.0.1/32", "dev", "d0"]);
@@ -371,6 +376,23 @@ fn run_backend(backend: Backend, tag: &str) {
         &snaps[0].services.values().nth(1).unwrap().port.name,
     );
     assert_eq!(nat4[&b_svc], nat4b[&b_svc]);
+
+    // A node-wide change is never partial, even when the caller names no Service.
+    let mut snaps3 = snaps2.clone();
+    snaps3[0].network.masquerade_all = true;
+    let out = dp
+        .sync(SyncRequest {
+            snapshots: &snaps3,
+            changed: &Changed::Services(BTreeSet::new()),
+        })
+        .unwrap();
+    assert!(out.full, "network change must force a full sync");
+    let nat4m = chains(n, backend, IpFamily::V4, "nat");
+    assert!(
+        nat4m[&b_svc][0].contains("-j SHUNT-MARK-MASQ") && !nat4m[&b_svc][0].contains("! -s"),
+        "{:?}",
+        nat4m[&b_svc]
+    );
 
     // A restart: a fresh dataplane whose first sync is full and removes what is stale
     // from the previous run (Service b deleted meanwhile).

@@ -16,9 +16,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 
+use super::conntrack::Conntrack;
 use super::{Changed, Dataplane, DataplaneError, SyncOutcome, SyncRequest};
 use crate::model::{IpFamily, ServiceKey, Snapshot};
-use crate::plan::iptables::conntrack::{parse_deleted, stale_udp};
+use crate::plan::conntrack::stale_udp;
 use crate::plan::iptables::render::{parse_saved_chains, render_delete};
 use crate::plan::iptables::{
     CHAIN_PREFIX, ChainId, JumpRule, RenderScope, Table, build, jump_rules, render,
@@ -78,6 +79,7 @@ pub struct IptablesDataplane {
     opts: IptablesOptions,
     backend: Backend,
     families: BTreeMap<IpFamily, FamilyState>,
+    conntrack: Conntrack,
     /// Set after any failure: the next sync is full.
     need_full: bool,
 }
@@ -186,7 +188,10 @@ impl IptablesDataplane {
             }
         }
         tracing::info!(backend = backend.suffix(), "iptables backend");
+        let mut conntrack = opts.command_prefix.clone();
+        conntrack.push("conntrack".to_string());
         Ok(IptablesDataplane {
+            conntrack: Conntrack::new(conntrack),
             opts,
             backend,
             families: BTreeMap::new(),
@@ -317,21 +322,16 @@ impl IptablesDataplane {
             deleted = restore.deleted.len(),
             "iptables-restore applied"
         );
-        // Stale UDP conntrack entries, once the new rules are in place (as kube-proxy does).
+        // Stale UDP conntrack entries, once the new rules are in place (as kube-proxy does);
+        // shared with the nftables mode (plan::conntrack). A failure is logged, not fatal:
+        // the rules are right, only old flows linger, as upstream treats it.
         let mut deleted = 0;
-        if let Some(prev) = self.families.get(&family) {
-            for d in stale_udp(&prev.snapshot, snap) {
-                let out = self.run("conntrack", &d.args(), None);
-                match out {
-                    Ok(o) => match parse_deleted(&String::from_utf8_lossy(&o.stderr)) {
-                        Some(n) => deleted += n,
-                        None => tracing::warn!(
-                            args = ?d.args(),
-                            stderr = %String::from_utf8_lossy(&o.stderr).trim(),
-                            "conntrack failed"
-                        ),
-                    },
-                    Err(e) => tracing::warn!(error = %e, "conntrack failed"),
+        let prev = self.families.get(&family).map(|p| &p.snapshot);
+        for filter in stale_udp(prev, snap) {
+            match self.conntrack.delete(&filter) {
+                Ok(n) => deleted += n,
+                Err(e) => {
+                    tracing::warn!(?filter, error = %e, "deleting stale UDP conntrack entries")
                 }
             }
         }

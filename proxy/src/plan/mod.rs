@@ -1,2 +1,7 @@
-//! (being written)
+//! PURE: model -> what a backend programs. No I/O here; everything is table-tested.
+//!
+//! - `nft`: the nftables ruleset and its (full or partial) transactions.
+//! - `conntrack`: which stale UDP conntrack entries a sync must delete.
+pub mod conntrack;
 pub mod iptables;
+pub mod nft;

@@ -50,7 +50,6 @@ use crate::model::{
     Snapshot,
 };
 
-pub mod conntrack;
 pub mod render;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -7,7 +7,6 @@ use std::path::Path;
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
-use super::conntrack::{ConntrackDelete, parse_deleted, stale_udp};
 use super::render::{parse_saved_chains, render_delete};
 use super::tracer::{Outcome, Packet, Tracer};
 use super::*;
@@ -666,56 +665,6 @@ fn ipv6_rules_use_v6_masks_and_brackets() {
     assert!(text.contains("--mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"));
     assert!(text.contains("-d fd00:172:30::41/128"));
     assert!(!text.contains("0.0.0.0") && !text.contains("/32"));
-}
-
-#[test]
-fn conntrack_stale_udp_entries() {
-    let mut sp = port("ns", "dns", "", Protocol::Udp, "172.30.0.10", 53);
-    sp.node_port = Some(3053);
-    let two = snapshot(vec![state(
-        sp.clone(),
-        vec![ep("10.180.0.1", 53, false), ep("10.180.0.2", 53, false)],
-    )]);
-    let one = snapshot(vec![state(sp.clone(), vec![ep("10.180.0.1", 53, false)])]);
-    let none = snapshot(vec![state(sp.clone(), vec![])]);
-    let got = stale_udp(&two, &one);
-    assert_eq!(
-        got,
-        BTreeSet::from([
-            ConntrackDelete {
-                family: IpFamily::V4,
-                orig_dst: Some(v4("172.30.0.10")),
-                port: 53,
-                reply_src: Some(v4("10.180.0.2"))
-            },
-            ConntrackDelete {
-                family: IpFamily::V4,
-                orig_dst: None,
-                port: 3053,
-                reply_src: Some(v4("10.180.0.2"))
-            },
-        ])
-    );
-    // Back from no endpoints: flush the VIP and NodePort entries.
-    let got = stale_udp(&none, &one);
-    assert_eq!(got.len(), 2);
-    assert!(got.iter().all(|d| d.reply_src.is_none()));
-    assert_eq!(
-        got.first().unwrap().args(),
-        ["-D", "-p", "udp", "--dport", "3053"]
-    );
-    // No change, or TCP: nothing.
-    assert!(stale_udp(&one, &one).is_empty());
-    let tcp = snapshot(vec![state(
-        port("ns", "t", "", Protocol::Tcp, "172.30.0.11", 80),
-        vec![ep("10.180.0.1", 80, false)],
-    )]);
-    assert!(stale_udp(&tcp, &snapshot(vec![])).is_empty());
-    assert_eq!(
-        parse_deleted("conntrack v1.4.7 (conntrack-tools): 3 flow entries have been deleted.\n"),
-        Some(3)
-    );
-    assert_eq!(parse_deleted("garbage"), None);
 }
 
 // ---- the scenario worlds, hand-built (independent of /work/shared being present) ----

@@ -37,6 +37,21 @@ pub enum BackendChoice {
     Nft,
 }
 
+impl std::str::FromStr for BackendChoice {
+    type Err = DataplaneError;
+    /// The value of a `--iptables-backend` style flag: `auto`, `legacy` or `nft`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "legacy" => Ok(BackendChoice::Legacy),
+            "nft" => Ok(BackendChoice::Nft),
+            other => Err(DataplaneError::Other(format!(
+                "iptables backend {other:?}: expected auto, legacy or nft"
+            ))),
+        }
+    }
+}
+
 /// A concrete flavour.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

@@ -455,3 +455,32 @@ fn netns_legacy_full_partial_restart_cleanup() {
 fn netns_nft_full_partial_restart_cleanup() {
     run_backend(Backend::Nft, "nft");
 }
+
+#[test]
+fn backend_choice_parses_flag_values_and_detects_hints() {
+    assert_eq!(
+        "auto".parse::<BackendChoice>().unwrap(),
+        BackendChoice::Auto
+    );
+    assert_eq!(
+        "legacy".parse::<BackendChoice>().unwrap(),
+        BackendChoice::Legacy
+    );
+    assert_eq!("nft".parse::<BackendChoice>().unwrap(), BackendChoice::Nft);
+    assert!("iptables".parse::<BackendChoice>().is_err());
+    assert_eq!(
+        Backend::Legacy.binary(IpFamily::V6, "-restore"),
+        "ip6tables-legacy-restore"
+    );
+    assert_eq!(Backend::Nft.binary(IpFamily::V4, ""), "iptables-nft");
+    assert!(has_kubelet_chains(
+        "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"
+    ));
+    assert!(!has_kubelet_chains(
+        "*mangle\n-A X -j KUBE-IPTABLES-HINT\nCOMMIT\n"
+    ));
+    assert_eq!(
+        rule_lines("*nat\n:A - [0:0]\n-A A -j RETURN\n-A A -j RETURN\nCOMMIT\n"),
+        2
+    );
+}

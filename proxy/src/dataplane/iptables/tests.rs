@@ -428,6 +428,41 @@ fn run_backend(backend: Backend, tag: &str) {
         assert!(input.contains(r), "foreign INPUT rule {r} lost");
     }
 
+    // A failed restore (a foreign rule still jumps to a chain the partial sync deletes) is
+    // an error naming the tool, changes nothing, and makes the next sync full.
+    ns_ok(
+        n,
+        &[&v4bin, "-t", "nat", "-A", "FOREIGN-CHAIN", "-j", &svc_a],
+    );
+    let without_a = {
+        let mut s = only_a.clone();
+        s[0].services.clear();
+        s
+    };
+    let err = dp
+        .sync(SyncRequest {
+            snapshots: &without_a,
+            changed: &Changed::Services(BTreeSet::from([a_name.service.clone()])),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, DataplaneError::Tool { tool, .. } if tool.contains("-restore")),
+        "{err}"
+    );
+    assert!(chains(n, backend, IpFamily::V4, "nat").contains_key(&svc_a));
+    ns_ok(
+        n,
+        &[&v4bin, "-t", "nat", "-D", "FOREIGN-CHAIN", "-j", &svc_a],
+    );
+    let out = dp
+        .sync(SyncRequest {
+            snapshots: &without_a,
+            changed: &Changed::Services(BTreeSet::new()),
+        })
+        .unwrap();
+    assert!(out.full, "the sync after a failure must be full");
+    assert!(!chains(n, backend, IpFamily::V4, "nat").contains_key(&svc_a));
+
     // Cleanup: nothing of ours in any table of either family; foreign state kept.
     dp.cleanup().unwrap();
     for f in [IpFamily::V4, IpFamily::V6] {

@@ -3,4 +3,5 @@
 //! - `nft`: the nftables ruleset and its (full or partial) transactions.
 //! - `conntrack`: which stale UDP conntrack entries a sync must delete.
 pub mod conntrack;
+pub mod iptables;
 pub mod nft;

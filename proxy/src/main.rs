@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 use shunt::config::{ConfigError, HostFacts, ProxyMode, Settings};
 use shunt::dataplane::Dataplane;
+use shunt::dataplane::iptables::{IptablesDataplane, IptablesOptions};
 use shunt::dataplane::nftables::NftablesDataplane;
 use shunt::model::Tracker;
 use shunt::serve::{self, Metrics, ProxyHealth, ServiceHealthServer};
@@ -103,19 +104,16 @@ fn cleanup_modes(modes: &[ProxyMode]) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for &mode in modes {
         match mode {
-            ProxyMode::Nftables => match NftablesDataplane::new() {
-                Ok(mut dp) => {
-                    if let Err(e) = dp.cleanup() {
-                        error!(mode = %mode, "cleanup failed: {e}");
-                        failed.push(mode);
-                    } else {
-                        info!(mode = %mode, "cleaned up");
-                    }
-                }
-                Err(e) => warn!(mode = %mode, "skipping cleanup, backend unavailable: {e}"),
-            },
-            // No backend exists yet for these modes, so shunt cannot have left anything.
-            ProxyMode::Iptables | ProxyMode::Ebpf => {
+            ProxyMode::Nftables => {
+                cleanup_one(mode, NftablesDataplane::new(), &mut failed);
+            }
+            ProxyMode::Iptables => cleanup_one(
+                mode,
+                IptablesDataplane::new(IptablesOptions::default()),
+                &mut failed,
+            ),
+            // No backend exists yet for this mode, so shunt cannot have left anything.
+            ProxyMode::Ebpf => {
                 info!(mode = %mode, "no backend for this mode yet; nothing to clean up");
             }
         }
@@ -134,18 +132,51 @@ fn cleanup_modes(modes: &[ProxyMode]) -> anyhow::Result<()> {
     }
 }
 
+/// Clean one mode's leftovers with a freshly constructed backend; a backend that cannot be
+/// constructed (tool missing) has nothing to clean.
+fn cleanup_one<D: Dataplane>(
+    mode: ProxyMode,
+    backend: Result<D, shunt::dataplane::DataplaneError>,
+    failed: &mut Vec<ProxyMode>,
+) {
+    match backend {
+        Ok(mut dp) => {
+            if let Err(e) = dp.cleanup() {
+                error!(mode = %mode, "cleanup failed: {e}");
+                failed.push(mode);
+            } else {
+                info!(mode = %mode, "cleaned up");
+            }
+        }
+        Err(e) => warn!(mode = %mode, "skipping cleanup, backend unavailable: {e}"),
+    }
+}
+
 fn run(settings: Settings) -> anyhow::Result<()> {
     // Check the mode's backend first (it only probes), so an unusable mode fails before
     // anything is changed.
-    let dataplane = match settings.mode {
+    match settings.mode {
         ProxyMode::Nftables => {
-            NftablesDataplane::new().context("nftables mode: nft is not usable")?
+            let dp = NftablesDataplane::new().context("nftables mode: nft is not usable")?;
+            start(settings, dp)
         }
-        ProxyMode::Iptables | ProxyMode::Ebpf => bail!(
-            "proxy mode {} is not implemented yet (use --proxy-mode nftables)",
+        ProxyMode::Iptables => {
+            let dp = IptablesDataplane::new(IptablesOptions {
+                backend: settings.iptables_backend,
+                ..IptablesOptions::default()
+            })
+            .context("iptables mode: iptables is not usable")?;
+            start(settings, dp)
+        }
+        ProxyMode::Ebpf => bail!(
+            "proxy mode {} is not implemented yet (use --proxy-mode nftables or iptables)",
             settings.mode
         ),
-    };
+    }
+}
+
+/// Clean up after the other modes, then run with `dataplane` until SIGTERM/SIGINT.
+fn start<D: Dataplane + 'static>(settings: Settings, dataplane: D) -> anyhow::Result<()> {
     // Switching modes: remove what the other modes left behind, best effort (server.go
     // platformCleanup without cleanupAndExit; upstream ignores its error too, the backends
     // having logged what failed).

@@ -26,10 +26,15 @@ fn masq_ok(
     want: Masq,
     answer_peer: SocketAddr,
     client: SocketAddr,
+    client_is_node: bool,
 ) -> std::result::Result<(), String> {
-    // Masquerade = the server saw another source than the probe's own address:port. Comparing
-    // the port too catches SNAT to the very address the probe used (LAB-NOTES).
-    let seen = answer_peer != client;
+    // Masquerade = the server saw another source address than the probe's. For a probe sent
+    // from a node address, a changed source port alone counts too: masquerade may pick the
+    // very node address the probe used (LAB-NOTES). For any other source it does not: a
+    // masquerade would have replaced the address, and conntrack's NAT clash resolution may
+    // remap the source port of a plain DNAT (nf_nat picks a free tuple on a clash).
+    let seen =
+        answer_peer.ip() != client.ip() || (client_is_node && answer_peer.port() != client.port());
     match (want, seen) {
         (Masq::Any, _) | (Masq::Yes, true) | (Masq::No, false) => Ok(()),
         (Masq::Yes, false) => Err(format!(
@@ -41,8 +46,14 @@ fn masq_ok(
     }
 }
 
-/// Checks all outcomes (in order) against the expectation.
-pub fn check(expect: &Expectation, dest: SocketAddr, outcomes: &[Outcome]) -> Result {
+/// Checks all outcomes (in order) against the expectation. `client_is_node`: the probe's
+/// source is one of the node's own addresses.
+pub fn check(
+    expect: &Expectation,
+    dest: SocketAddr,
+    outcomes: &[Outcome],
+    client_is_node: bool,
+) -> Result {
     if outcomes.is_empty() {
         return Result::Fail("no probe was sent".into());
     }
@@ -56,7 +67,7 @@ pub fn check(expect: &Expectation, dest: SocketAddr, outcomes: &[Outcome]) -> Re
                 if !set.contains(&answer.local) {
                     return Result::Fail(format!("expected one of {}: {o}", fmt_set(set)));
                 }
-                if let Err(e) = masq_ok(*masq, answer.peer, *client) {
+                if let Err(e) = masq_ok(*masq, answer.peer, *client, client_is_node) {
                     return Result::Fail(format!("reached {} but {e}", answer.local));
                 }
                 seen.insert(answer.local);
@@ -92,7 +103,7 @@ pub fn check(expect: &Expectation, dest: SocketAddr, outcomes: &[Outcome]) -> Re
                 Outcome::Answered { answer, client }
                     if (answer.name == "node" || answer.name == "sink") && answer.local == dest =>
                 {
-                    match masq_ok(*masq, answer.peer, *client) {
+                    match masq_ok(*masq, answer.peer, *client, client_is_node) {
                         Ok(()) => Result::Pass(format!("passthrough: {o}")),
                         Err(e) => Result::Fail(format!("passthrough but {e}")),
                     }
@@ -161,9 +172,12 @@ mod tests {
             ans("ep", "10.180.2.1:80", "10.0.0.2:4001", "10.0.0.2:4001"),
         ];
         assert!(
-            matches!(check(&eps(Masq::No), sa(D), &o), Result::Pass(d) if !d.contains("not seen"))
+            matches!(check(&eps(Masq::No), sa(D), &o, true), Result::Pass(d) if !d.contains("not seen"))
         );
-        assert!(matches!(check(&eps(Masq::Yes), sa(D), &o), Result::Fail(_)));
+        assert!(matches!(
+            check(&eps(Masq::Yes), sa(D), &o, true),
+            Result::Fail(_)
+        ));
     }
 
     #[test]
@@ -175,49 +189,89 @@ mod tests {
             "192.168.0.2:4000",
         )];
         assert!(
-            matches!(check(&eps(Masq::Yes), sa(D), &o), Result::Pass(d) if d.contains("not seen: 10.180.2.1:80"))
+            matches!(check(&eps(Masq::Yes), sa(D), &o, true), Result::Pass(d) if d.contains("not seen: 10.180.2.1:80"))
         );
-        assert!(matches!(check(&eps(Masq::No), sa(D), &o), Result::Fail(_)));
-        assert!(matches!(check(&eps(Masq::Any), sa(D), &o), Result::Pass(_)));
+        assert!(matches!(
+            check(&eps(Masq::No), sa(D), &o, true),
+            Result::Fail(_)
+        ));
+        assert!(matches!(
+            check(&eps(Masq::Any), sa(D), &o, true),
+            Result::Pass(_)
+        ));
+    }
+
+    #[test]
+    fn port_change_alone_is_no_masquerade_for_a_pod_source() {
+        // A pod's DNATed connection whose source port conntrack remapped on a clash.
+        let o = [ans("ep", "10.180.0.1:80", "10.0.0.2:5000", "10.0.0.2:4000")];
+        assert!(matches!(
+            check(&eps(Masq::No), sa(D), &o, false),
+            Result::Pass(_)
+        ));
+        assert!(matches!(
+            check(&eps(Masq::Yes), sa(D), &o, false),
+            Result::Fail(_)
+        ));
+        // Another address is masquerade whatever the source.
+        let o = [ans(
+            "ep",
+            "10.180.0.1:80",
+            "192.168.0.2:5000",
+            "10.0.0.2:4000",
+        )];
+        assert!(matches!(
+            check(&eps(Masq::Yes), sa(D), &o, false),
+            Result::Pass(_)
+        ));
     }
 
     #[test]
     fn endpoint_outside_set_or_error_fails() {
         let o = [ans("ep", "10.180.0.1:80", "10.0.0.2:1", "10.0.0.2:1")];
-        assert!(matches!(check(&eps(Masq::No), sa(D), &o), Result::Pass(_)));
+        assert!(matches!(
+            check(&eps(Masq::No), sa(D), &o, true),
+            Result::Pass(_)
+        ));
         let o = [
             ans("ep", "10.180.0.1:80", "10.0.0.2:1", "10.0.0.2:1"),
             ans("x", "10.9.9.9:80", "10.0.0.2:2", "10.0.0.2:2"),
         ];
-        assert!(matches!(check(&eps(Masq::No), sa(D), &o), Result::Fail(_)));
         assert!(matches!(
-            check(&eps(Masq::No), sa(D), &[Outcome::Refused]),
+            check(&eps(Masq::No), sa(D), &o, true),
             Result::Fail(_)
         ));
-        assert!(matches!(check(&eps(Masq::No), sa(D), &[]), Result::Fail(_)));
+        assert!(matches!(
+            check(&eps(Masq::No), sa(D), &[Outcome::Refused], true),
+            Result::Fail(_)
+        ));
+        assert!(matches!(
+            check(&eps(Masq::No), sa(D), &[], true),
+            Result::Fail(_)
+        ));
     }
 
     #[test]
     fn verdicts() {
         assert!(matches!(
-            check(&Expectation::Drop, sa(D), &[Outcome::Timeout]),
+            check(&Expectation::Drop, sa(D), &[Outcome::Timeout], true),
             Result::Pass(_)
         ));
         assert!(matches!(
-            check(&Expectation::Drop, sa(D), &[Outcome::Refused]),
+            check(&Expectation::Drop, sa(D), &[Outcome::Refused], true),
             Result::Fail(_)
         ));
         assert!(matches!(
-            check(&Expectation::Reject, sa(D), &[Outcome::Refused]),
+            check(&Expectation::Reject, sa(D), &[Outcome::Refused], true),
             Result::Pass(_)
         ));
         assert!(matches!(
-            check(&Expectation::Reject, sa(D), &[Outcome::Timeout]),
+            check(&Expectation::Reject, sa(D), &[Outcome::Timeout], true),
             Result::Fail(_)
         ));
         let e = Outcome::Error("No route to host".into());
         assert!(matches!(
-            check(&Expectation::Reject, sa(D), &[e]),
+            check(&Expectation::Reject, sa(D), &[e], true),
             Result::Fail(_)
         ));
     }
@@ -232,20 +286,20 @@ mod tests {
             "203.0.113.2:4000",
             "203.0.113.2:4000",
         );
-        assert!(matches!(check(&p, d, &[ok]), Result::Pass(_)));
+        assert!(matches!(check(&p, d, &[ok], true), Result::Pass(_)));
         let dnat = ans(
             "ep-10.180.0.1",
             "10.180.0.1:80",
             "203.0.113.2:4000",
             "203.0.113.2:4000",
         );
-        assert!(matches!(check(&p, d, &[dnat]), Result::Fail(_)));
+        assert!(matches!(check(&p, d, &[dnat], true), Result::Fail(_)));
         let masq = ans(
             "node",
             "192.168.1.2:3001",
             "100.64.255.1:4000",
             "203.0.113.2:4000",
         );
-        assert!(matches!(check(&p, d, &[masq]), Result::Fail(_)));
+        assert!(matches!(check(&p, d, &[masq], true), Result::Fail(_)));
     }
 }

@@ -30,6 +30,10 @@ pub struct Args {
     /// After each scenario also check `--cleanup` (removes shunt's rules, keeps a canary table).
     #[arg(long)]
     pub check_cleanup: bool,
+    /// Extra argument for shunt, after the contract command line (repeatable), e.g.
+    /// `--shunt-arg=--iptables-backend=legacy`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub shunt_arg: Vec<String>,
     /// Per-probe timeout in milliseconds (a drop is a timeout).
     #[arg(long, default_value_t = 1500)]
     pub timeout_ms: u64,
@@ -173,12 +177,13 @@ fn run_scenario(
             None
         };
         lab.probe_cgroup = cgroup.as_ref().map(|c| c.path.clone());
-        let cmdline = shunt::args(
+        let mut cmdline = shunt::args(
             s,
             args.mode,
             &manifests,
             cgroup.as_ref().map(|c| c.path.as_path()),
         );
+        cmdline.extend(args.shunt_arg.iter().cloned());
         if args.check_cleanup {
             // A table shunt does not own: `--cleanup` must leave it alone.
             lab.node.sh(&format!("nft add table inet {CANARY}"))?;
@@ -203,7 +208,8 @@ fn run_scenario(
                     break; // one non-answer decides; do not pay more timeouts
                 }
             }
-            match check::check(&expect, p.dest(), &outcomes) {
+            let from_node = s.node.ips().contains(&p.source_ip);
+            match check::check(&expect, p.dest(), &outcomes, from_node) {
                 check::Result::Pass(d) => {
                     println!("PASS {head} :: {d}");
                     t.passed += 1;

@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the one command that runs every test, stopping at the first failure.
 //! Order: what needs installing, manifest validation, fmt, clippy, unit/integration/namespace
-//! tests, then the packet-level conformance scenarios in nftables mode.
+//! tests, then the packet-level conformance scenarios in nftables mode and in iptables mode
+//! (legacy and nft backends).
 
 use std::process::Command;
 
@@ -62,8 +63,20 @@ pub fn run() -> Result<bool> {
     let me = std::env::current_exe().context("locating the xtask binary")?;
     step(
         "conformance (nftables)",
-        Command::new(me).args(["conformance", "--mode", "nftables"]),
+        Command::new(&me).args(["conformance", "--mode", "nftables"]),
     )?;
+    // iptables mode through both backends of the iptables tool (issue: legacy and nft).
+    for backend in ["legacy", "nft"] {
+        step(
+            &format!("conformance (iptables, {backend} backend)"),
+            Command::new(&me).args([
+                "conformance",
+                "--mode",
+                "iptables",
+                &format!("--shunt-arg=--iptables-backend={backend}"),
+            ]),
+        )?;
+    }
     println!("all tests passed");
     Ok(true)
 }

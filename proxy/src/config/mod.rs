@@ -143,6 +143,11 @@ pub struct Cli {
     /// shunt only: the cgroup v2 mount the ebpf mode attaches its socket programs to.
     #[arg(long, value_name = "PATH")]
     pub cgroup_root: Option<PathBuf>,
+
+    /// shunt only: which iptables backend iptables mode drives: 'auto' (whichever the node
+    /// already uses, as kube-proxy's image picks it), 'legacy' or 'nft'.
+    #[arg(long, value_name = "auto|legacy|nft", default_value = "auto")]
+    pub iptables_backend: String,
 }
 
 /// The proxy modes shunt implements.
@@ -211,6 +216,8 @@ pub struct Settings {
     pub master: Option<String>,
     pub manifests: Option<PathBuf>,
     pub cgroup_root: Option<PathBuf>,
+    /// `--iptables-backend`
+    pub iptables_backend: crate::dataplane::iptables::BackendChoice,
     /// klog verbosity level.
     pub verbosity: u8,
     /// Things worth a warning once logging is up (flags ignored because of --config, fields
@@ -513,6 +520,14 @@ impl Settings {
             kubeconfig: raw.kubeconfig,
             master: cli.master.clone().filter(|m| !m.is_empty()),
             manifests: cli.manifests.clone(),
+            iptables_backend: cli
+                .iptables_backend
+                .parse()
+                .map_err(|_| ConfigError::Invalid {
+                    what: "--iptables-backend".into(),
+                    value: cli.iptables_backend.clone(),
+                    reason: "must be auto, legacy or nft".into(),
+                })?,
             cgroup_root: cli.cgroup_root.clone(),
             verbosity: raw.verbosity,
             warnings,

@@ -19,7 +19,7 @@ use std::process::{Command, Output, Stdio};
 use super::conntrack::Conntrack;
 use super::{Changed, Dataplane, DataplaneError, SyncOutcome, SyncRequest};
 use crate::model::{IpFamily, ServiceKey, Snapshot};
-use crate::plan::conntrack::stale_udp;
+use crate::plan::conntrack::{cleanup_needed, deleted_udp_ports};
 use crate::plan::iptables::render::{parse_saved_chains, render_delete};
 use crate::plan::iptables::{
     CHAIN_PREFIX, ChainId, JumpRule, RenderScope, Table, build, jump_rules, render,
@@ -295,7 +295,7 @@ impl IptablesDataplane {
         snap: &Snapshot,
         full: bool,
         changed: &Changed,
-    ) -> Result<(BTreeMap<Table, u64>, u64), DataplaneError> {
+    ) -> Result<BTreeMap<Table, u64>, DataplaneError> {
         let family = snap.network.family;
         let rs = build(snap);
         let restore = match (full, changed, self.families.get(&family)) {
@@ -337,19 +337,6 @@ impl IptablesDataplane {
             deleted = restore.deleted.len(),
             "iptables-restore applied"
         );
-        // Stale UDP conntrack entries, once the new rules are in place (as kube-proxy does);
-        // shared with the nftables mode (plan::conntrack). A failure is logged, not fatal:
-        // the rules are right, only old flows linger, as upstream treats it.
-        let mut deleted = 0;
-        let prev = self.families.get(&family).map(|p| &p.snapshot);
-        for filter in stale_udp(prev, snap) {
-            match self.conntrack.delete(&filter) {
-                Ok(n) => deleted += n,
-                Err(e) => {
-                    tracing::warn!(?filter, error = %e, "deleting stale UDP conntrack entries")
-                }
-            }
-        }
         self.families.insert(
             family,
             FamilyState {
@@ -357,7 +344,7 @@ impl IptablesDataplane {
                 snapshot: snap.clone(),
             },
         );
-        Ok((rs.rule_counts(), deleted))
+        Ok(rs.rule_counts())
     }
 
     /// Remove shunt's chains and jump rules of one backend and family; skips a backend whose
@@ -427,16 +414,28 @@ impl Dataplane for IptablesDataplane {
             });
         // Pessimistic: cleared only when every family succeeded.
         self.need_full = true;
+        // UDP service ports deleted since the last sync (unknown after a restart), for the
+        // stale-conntrack decision below.
+        let prev: Vec<Snapshot> = self.families.values().map(|f| f.snapshot.clone()).collect();
+        let gone = deleted_udp_ports(&prev, request.snapshots);
         let mut totals: BTreeMap<Table, u64> = BTreeMap::new();
-        let mut conntrack_deleted = 0;
         for snap in request.snapshots {
-            let (counts, deleted) = self.sync_family(snap, full, request.changed)?;
-            for (t, n) in counts {
+            for (t, n) in self.sync_family(snap, full, request.changed)? {
                 *totals.entry(t).or_default() += n;
             }
-            conntrack_deleted += deleted;
         }
         self.need_full = false;
+        // Stale UDP flows, once the new rules are in place (as kube-proxy does), decided from
+        // the kernel's entries and the new state (plan::conntrack, shared with nftables mode),
+        // so a restarted backend keeps healthy flows. A failure is logged, not fatal: the
+        // rules are right, only old flows linger, as upstream treats it.
+        let mut conntrack_deleted = 0;
+        if full || cleanup_needed(request.changed, request.snapshots, &gone) {
+            match self.conntrack.clean_stale_udp(request.snapshots, &gone) {
+                Ok(n) => conntrack_deleted = n,
+                Err(e) => tracing::warn!(error = %e, "deleting stale UDP conntrack entries"),
+            }
+        }
         Ok(SyncOutcome {
             full,
             rules_total: totals

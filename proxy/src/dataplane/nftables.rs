@@ -1,5 +1,5 @@
-//! nftables backend: applies `plan::nft` transactions with `nft -j -f -` and reads state back
-//! with `nft -j list ...`.
+//! nftables backend: applies `plan::nft` transactions with `nft -f -` (nft's own syntax, see
+//! `plan::nft::text` for why not JSON) and reads state back with `nft -j list ...`.
 //!
 //! Every sync is one nft transaction covering both families' `shunt` tables, so the kernel
 //! either takes all of it or none of it. The backend remembers what it last programmed;
@@ -155,10 +155,9 @@ impl NftablesDataplane {
 
     /// Sends one transaction; nft's own error text is returned on failure.
     fn apply(&self, tx: &Transaction) -> Result<(), DataplaneError> {
-        let doc = nft::json::to_json(tx);
-        let body = serde_json::to_vec(&doc)
-            .map_err(|e| DataplaneError::Other(format!("serializing the nft transaction: {e}")))?;
-        run(&self.nft_args(&["-j", "-f", "-"]), Some(&body)).map(|_| ())
+        let mut script = String::new();
+        nft::text::write_text(tx, &mut script);
+        run(&self.nft_args(&["-f", "-"]), Some(script.as_bytes())).map(|_| ())
     }
 
     fn plan(&self, rulesets: &[Ruleset], changed: &Changed) -> Result<Transaction, DataplaneError> {
@@ -641,11 +640,36 @@ mod tests {
         let fixed = |t: &TableState| -> BTreeMap<String, Vec<Value>> {
             t.elements
                 .iter()
-                .filter(|(n, _)| !n.starts_with(names::AFFINITY_PREFIX))
+                .filter(|(n, _)| {
+                    !n.starts_with(names::AFFINITY_PREFIX) && n.as_str() != names::ENDPOINT_PICKS
+                })
                 .map(|(n, e)| (n.clone(), e.clone()))
                 .collect()
         };
         assert_eq!(fixed(&after), fixed(&v4), "no map element needed to change");
+        // The endpoint-pick slots: svc2's now name exactly its new endpoint chains, the
+        // others are untouched.
+        let picks = |t: &TableState, svc2: bool| -> BTreeSet<String> {
+            t.elements[names::ENDPOINT_PICKS]
+                .iter()
+                .map(|e| e.to_string())
+                .filter(|e| e.contains("ns2/svc2") == svc2)
+                .collect()
+        };
+        assert_eq!(picks(&after, false), picks(&v4, false));
+        let targets: BTreeSet<String> = after.elements[names::ENDPOINT_PICKS]
+            .iter()
+            .filter_map(|e| e[1]["goto"]["target"].as_str())
+            .filter(|c| c.contains("ns2/svc2"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            targets,
+            eps_b
+                .iter()
+                .map(|e| names::endpoint_chain(&svc2, e))
+                .collect::<BTreeSet<_>>()
+        );
         assert_eq!(
             dp.read_table(IpFamily::V6).unwrap().unwrap(),
             v6,
@@ -689,6 +713,20 @@ mod tests {
         ns.exec(&[
             "nft",
             &format!("flush chain ip shunt {}", names::cluster_chain(&svc2)),
+        ])
+        .unwrap();
+        // Its endpoint-pick slot refers to it too.
+        let slot = b3.elements[names::ENDPOINT_PICKS]
+            .iter()
+            .find(|e| e[1]["goto"]["target"] == sabotaged.as_str())
+            .map(|e| e[0].clone())
+            .expect("the endpoint chain has a pick slot");
+        ns.exec(&[
+            "nft",
+            &format!(
+                "delete element ip shunt {} {{ {slot} }}",
+                names::ENDPOINT_PICKS
+            ),
         ])
         .unwrap();
         ns.exec(&["nft", &format!("delete chain ip shunt {sabotaged}")])

@@ -2,6 +2,7 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
+use sha2::{Digest, Sha256};
 
 use super::ir::*;
 use super::names::*;
@@ -334,6 +335,11 @@ pub fn node_fragment(net: &NodeNetwork) -> NodeFragment {
         KeyType::ProtoPort,
         "NodePort traffic",
     ));
+    sets.push(map(
+        ENDPOINT_PICKS,
+        KeyType::Pick,
+        "random endpoint choice: slots of each service chain's numgen range",
+    ));
 
     let vmap = |key: KeyType, name: &str| {
         Some(Verdict::Vmap {
@@ -421,6 +427,7 @@ pub fn service_fragment(
     name: &ServicePortName,
     s: &ServicePortState,
     masquerade_all: bool,
+    picks: &mut PickSlots,
 ) -> ServiceFragment {
     let port = &s.port;
     let proto = name.protocol;
@@ -673,7 +680,8 @@ pub fn service_fragment(
         }
     }
 
-    let to_endpoints = |eps: &[Endpoint]| -> Vec<Rule> {
+    let mut pick_elements = Vec::new();
+    let mut to_endpoints = |chain: &str, eps: &[Endpoint]| -> Vec<Rule> {
         let mut rules = Vec::new();
         if affinity.is_some() {
             for ep in eps {
@@ -684,27 +692,45 @@ pub fn service_fragment(
                 ));
             }
         }
+        if eps.is_empty() {
+            return rules;
+        }
+        let count = u32::try_from(eps.len()).expect("fewer than 2^32 endpoints");
+        let offset = picks.take(chain, count);
+        for (slot, ep) in (offset..).zip(eps) {
+            pick_elements.push(Element {
+                set: ENDPOINT_PICKS.to_string(),
+                key: Key::Pick(slot),
+                value: goto(&endpoint_chain(name, ep)),
+                comment: None,
+            });
+        }
         rules.push(Rule::new(
             vec![],
             vec![],
-            Some(Verdict::RandomGoto(
-                eps.iter().map(|ep| endpoint_chain(name, ep)).collect(),
-            )),
+            Some(Verdict::Pick {
+                count,
+                offset,
+                map: ENDPOINT_PICKS.to_string(),
+            }),
         ));
         rules
     };
     if uses_cluster_chain {
+        let rules = to_endpoints(&cluster_chain_name, cluster_eps);
         chains
             .entry(cluster_chain_name.clone())
             .or_default()
-            .extend(to_endpoints(cluster_eps));
+            .extend(rules);
     }
     if uses_local_chain {
+        let rules = to_endpoints(&local_chain_name, local_eps);
         chains
             .entry(local_chain_name.clone())
             .or_default()
-            .extend(to_endpoints(local_eps));
+            .extend(rules);
     }
+    frag.elements.extend(pick_elements);
 
     for ep in &reachable {
         let mut rules = vec![Rule::new(
@@ -741,9 +767,54 @@ pub fn service_fragment(
     frag
 }
 
+/// Allocates each service chain's range of endpoint-pick slots (`Verdict::Pick`).
+///
+/// A range starts where a hash of its chain's name says, so it does not depend on other
+/// Services and a partial sync of one Service leaves every other range alone; on a clash
+/// (rare: ranges are a few slots in 2^31) it moves to the next free place, the ranges
+/// being handed out in the snapshot's order. If a change moves another Service's range,
+/// `tx::partial` sees that Service's fragment change and escalates to a full sync.
+#[derive(Debug, Default)]
+pub struct PickSlots {
+    /// start -> end (exclusive); disjoint.
+    taken: BTreeMap<u32, u32>,
+}
+
+/// Slots live in [0, 2^31): `offset + count` never overflows the kernel's u32 register.
+const PICK_SPACE: u32 = 1 << 31;
+
+impl PickSlots {
+    /// A free range of `count` (>= 1) slots for `chain`.
+    pub fn take(&mut self, chain: &str, count: u32) -> u32 {
+        assert!(count >= 1 && count < PICK_SPACE);
+        let digest = Sha256::digest(chain.as_bytes());
+        let mut start =
+            u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & (PICK_SPACE - 1);
+        // Each step jumps past one taken range (or wraps once), so this ends.
+        for _ in 0..self.taken.len() + 2 {
+            if start > PICK_SPACE - count {
+                start = 0;
+                continue;
+            }
+            let end = start + count;
+            // Ranges are disjoint and sorted: only the last one starting before `end` can
+            // reach into [start, end).
+            match self.taken.range(..end).next_back() {
+                Some((_, &blocker_end)) if blocker_end > start => start = blocker_end,
+                _ => {
+                    self.taken.insert(start, end);
+                    return start;
+                }
+            }
+        }
+        panic!("no {count} free endpoint-pick slots: over 2^31 endpoints");
+    }
+}
+
 /// The whole desired ruleset of one family.
 pub fn ruleset(snapshot: &Snapshot) -> Ruleset {
     let net = &snapshot.network;
+    let mut picks = PickSlots::default();
     let services = snapshot
         .services
         .iter()
@@ -752,7 +823,7 @@ pub fn ruleset(snapshot: &Snapshot) -> Ruleset {
         .map(|(name, s)| {
             (
                 name.clone(),
-                service_fragment(net, name, s, net.masquerade_all),
+                service_fragment(net, name, s, net.masquerade_all, &mut picks),
             )
         })
         .collect();

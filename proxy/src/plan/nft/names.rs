@@ -45,6 +45,8 @@ pub const SERVICE_NODEPORTS: &str = "service-nodeports";
 pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub const FIREWALL_IPS: &str = "firewall-ips";
+/// Verdict map from endpoint-pick slots to endpoint chains (see `Verdict::Pick`).
+pub const ENDPOINT_PICKS: &str = "endpoint-picks";
 
 /// Prefix of the per-endpoint ClientIP affinity sets.
 pub const AFFINITY_PREFIX: &str = "affinity-";

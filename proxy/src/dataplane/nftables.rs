@@ -405,6 +405,15 @@ mod tests {
 
     struct Netns(String);
 
+    /// The elements of all endpoint-pick maps.
+    fn picks_of(t: &TableState) -> Vec<Value> {
+        t.elements
+            .iter()
+            .filter(|(n, _)| n.starts_with(names::ENDPOINT_PICKS_PREFIX))
+            .flat_map(|(_, e)| e.iter().cloned())
+            .collect()
+    }
+
     impl Netns {
         fn exec(&self, args: &[&str]) -> Result<String, DataplaneError> {
             let mut argv: Vec<String> = ["ip", "netns", "exec", &self.0]
@@ -641,7 +650,8 @@ mod tests {
             t.elements
                 .iter()
                 .filter(|(n, _)| {
-                    !n.starts_with(names::AFFINITY_PREFIX) && n.as_str() != names::ENDPOINT_PICKS
+                    !n.starts_with(names::AFFINITY_PREFIX)
+                        && !n.starts_with(names::ENDPOINT_PICKS_PREFIX)
                 })
                 .map(|(n, e)| (n.clone(), e.clone()))
                 .collect()
@@ -650,14 +660,14 @@ mod tests {
         // The endpoint-pick slots: svc2's now name exactly its new endpoint chains, the
         // others are untouched.
         let picks = |t: &TableState, svc2: bool| -> BTreeSet<String> {
-            t.elements[names::ENDPOINT_PICKS]
+            picks_of(t)
                 .iter()
                 .map(|e| e.to_string())
                 .filter(|e| e.contains("ns2/svc2") == svc2)
                 .collect()
         };
         assert_eq!(picks(&after, false), picks(&v4, false));
-        let targets: BTreeSet<String> = after.elements[names::ENDPOINT_PICKS]
+        let targets: BTreeSet<String> = picks_of(&after)
             .iter()
             .filter_map(|e| e[1]["goto"]["target"].as_str())
             .filter(|c| c.contains("ns2/svc2"))
@@ -716,7 +726,7 @@ mod tests {
         ])
         .unwrap();
         // Its endpoint-pick slot refers to it too.
-        let slot = b3.elements[names::ENDPOINT_PICKS]
+        let slot = picks_of(&b3)
             .iter()
             .find(|e| e[1]["goto"]["target"] == sabotaged.as_str())
             .map(|e| e[0].clone())
@@ -725,7 +735,7 @@ mod tests {
             "nft",
             &format!(
                 "delete element ip shunt {} {{ {slot} }}",
-                names::ENDPOINT_PICKS
+                names::endpoint_pick_map(&names::cluster_chain(&svc2))
             ),
         ])
         .unwrap();

@@ -335,11 +335,15 @@ pub fn node_fragment(net: &NodeNetwork) -> NodeFragment {
         KeyType::ProtoPort,
         "NodePort traffic",
     ));
-    sets.push(map(
-        ENDPOINT_PICKS,
-        KeyType::Pick,
-        "random endpoint choice: slots of each service chain's numgen range",
-    ));
+    for bucket in 0..ENDPOINT_PICK_MAPS {
+        sets.push(SetDef {
+            name: format!("{ENDPOINT_PICKS_PREFIX}{bucket:02x}"),
+            key: KeyType::Pick,
+            verdict_map: true,
+            timeout_seconds: None,
+            comment: None,
+        });
+    }
 
     let vmap = |key: KeyType, name: &str| {
         Some(Verdict::Vmap {
@@ -697,9 +701,10 @@ pub fn service_fragment(
         }
         let count = u32::try_from(eps.len()).expect("fewer than 2^32 endpoints");
         let offset = picks.take(chain, count);
+        let pick_map = endpoint_pick_map(chain);
         for (slot, ep) in (offset..).zip(eps) {
             pick_elements.push(Element {
-                set: ENDPOINT_PICKS.to_string(),
+                set: pick_map.clone(),
                 key: Key::Pick(slot),
                 value: goto(&endpoint_chain(name, ep)),
                 comment: None,
@@ -711,7 +716,7 @@ pub fn service_fragment(
             Some(Verdict::Pick {
                 count,
                 offset,
-                map: ENDPOINT_PICKS.to_string(),
+                map: pick_map,
             }),
         ));
         rules

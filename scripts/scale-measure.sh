@@ -56,7 +56,7 @@ for o in json.load(sys.stdin)["nftables"]:
 pick_map=$(python3 -c '
 import hashlib,sys
 d=hashlib.sha256(sys.argv[1].encode()).digest()
-print("endpoint-picks-%02x" % (int.from_bytes(d[4:8], "big") % 128))' "$svc_chain")
+print("endpoint-picks-%03x" % (int.from_bytes(d[4:8], "big") % 1024))' "$svc_chain")
 # One endpoint change: svc0 gets a new endpoint 10.127.255.254.
 python3 - "$dir/services-000.json" <<'PY'
 import json, os, sys

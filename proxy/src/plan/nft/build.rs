@@ -337,7 +337,7 @@ pub fn node_fragment(net: &NodeNetwork) -> NodeFragment {
     ));
     for bucket in 0..ENDPOINT_PICK_MAPS {
         sets.push(SetDef {
-            name: format!("{ENDPOINT_PICKS_PREFIX}{bucket:02x}"),
+            name: format!("{ENDPOINT_PICKS_PREFIX}{bucket:03x}"),
             key: KeyType::Pick,
             verdict_map: true,
             timeout_seconds: None,

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -155,9 +156,18 @@ impl NftablesDataplane {
 
     /// Sends one transaction; nft's own error text is returned on failure.
     fn apply(&self, tx: &Transaction) -> Result<(), DataplaneError> {
+        let started = Instant::now();
         let mut script = String::new();
         nft::text::write_text(tx, &mut script);
-        run(&self.nft_args(&["-f", "-"]), Some(script.as_bytes())).map(|_| ())
+        let written = Instant::now();
+        run(&self.nft_args(&["-f", "-"]), Some(script.as_bytes()))?;
+        tracing::debug!(
+            bytes = script.len(),
+            write = ?written - started,
+            nft = ?written.elapsed(),
+            "applied nft transaction"
+        );
+        Ok(())
     }
 
     fn plan(&self, rulesets: &[Ruleset], changed: &Changed) -> Result<Transaction, DataplaneError> {
@@ -195,8 +205,29 @@ impl NftablesDataplane {
     }
 
     fn sync_inner(&mut self, request: SyncRequest<'_>) -> Result<SyncOutcome, DataplaneError> {
-        let rulesets: Vec<Ruleset> = request.snapshots.iter().map(nft::ruleset).collect();
+        let started = Instant::now();
+        let rulesets: Vec<Ruleset> = request
+            .snapshots
+            .iter()
+            .map(|snap| {
+                let prev = self.programmed.as_ref().and_then(|p| {
+                    let i = p
+                        .snapshots
+                        .iter()
+                        .position(|s| s.network.family == snap.network.family)?;
+                    Some((&p.snapshots[i], p.rulesets.get(i)?))
+                });
+                nft::ruleset_reusing(snap, prev)
+            })
+            .collect();
+        let built = Instant::now();
         let tx = self.plan(&rulesets, request.changed)?;
+        tracing::debug!(
+            build = ?built - started,
+            plan = ?built.elapsed(),
+            full = tx.full,
+            "planned nft transaction"
+        );
         if !tx.is_empty() {
             self.apply(&tx)?;
         }
@@ -204,6 +235,7 @@ impl NftablesDataplane {
             self.base_chains_recreated = true;
         }
 
+        let applied = Instant::now();
         // Stale UDP flows are deleted once the new rules are in place (as upstream), so that
         // the client's next packet is NATed by the new rules. The decision reads the kernel's
         // entries and the new state (plus the UDP ports deleted since the last sync, unknown
@@ -231,6 +263,7 @@ impl NftablesDataplane {
             rulesets,
             snapshots: request.snapshots.to_vec(),
         });
+        tracing::debug!(conntrack_and_bookkeeping = ?applied.elapsed(), "nftables sync done");
         Ok(SyncOutcome {
             full: tx.full,
             rules_total,

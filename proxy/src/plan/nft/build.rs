@@ -791,7 +791,7 @@ const PICK_SPACE: u32 = 1 << 31;
 impl PickSlots {
     /// A free range of `count` (>= 1) slots for `chain`.
     pub fn take(&mut self, chain: &str, count: u32) -> u32 {
-        assert!(count >= 1 && count < PICK_SPACE);
+        assert!((1..PICK_SPACE).contains(&count));
         let digest = Sha256::digest(chain.as_bytes());
         let mut start =
             u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) & (PICK_SPACE - 1);
@@ -813,6 +813,55 @@ impl PickSlots {
             }
         }
         panic!("no {count} free endpoint-pick slots: over 2^31 endpoints");
+    }
+
+    /// Marks the ranges `frag`'s service chains already hold as taken.
+    fn reserve(&mut self, frag: &ServiceFragment) {
+        for rule in frag.chains.iter().flat_map(|c| c.rules.iter()) {
+            if let Some(Verdict::Pick { count, offset, .. }) = &rule.verdict {
+                self.taken.insert(*offset, offset + count);
+            }
+        }
+    }
+}
+
+/// `ruleset(snapshot)`, but service ports whose state is the same in `prev`'s snapshot (and
+/// the node network too) keep `prev`'s fragment, slots included; the others are built
+/// around them. A one-Service sync then builds one fragment instead of all of them (10,000
+/// Services: 270 ms of a partial sync went to rebuilding unchanged fragments).
+pub fn ruleset_reusing(snapshot: &Snapshot, prev: Option<(&Snapshot, &Ruleset)>) -> Ruleset {
+    let net = &snapshot.network;
+    let prev = prev.filter(|(ps, pr)| ps.network == *net && pr.network == *net);
+    let mut picks = PickSlots::default();
+    let mut services = BTreeMap::new();
+    let mut fresh = Vec::new();
+    for (name, s) in snapshot
+        .services
+        .iter()
+        .filter(|(_, s)| IpFamily::of(&s.port.cluster_ip) == net.family)
+    {
+        let kept = prev.and_then(|(ps, pr)| {
+            (ps.services.get(name) == Some(s))
+                .then(|| pr.services.get(name))
+                .flatten()
+        });
+        match kept {
+            Some(frag) => {
+                picks.reserve(frag);
+                services.insert(name.clone(), frag.clone());
+            }
+            None => fresh.push((name, s)),
+        }
+    }
+    for (name, s) in fresh {
+        let frag = service_fragment(net, name, s, net.masquerade_all, &mut picks);
+        services.insert(name.clone(), frag);
+    }
+    Ruleset {
+        family: net.family,
+        network: net.clone(),
+        node: node_fragment(net),
+        services,
     }
 }
 

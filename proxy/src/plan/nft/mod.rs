@@ -31,5 +31,5 @@ mod tests;
 #[cfg(test)]
 mod trace;
 
-pub use build::{NodeFragment, PickSlots, Ruleset, ServiceFragment, ruleset};
+pub use build::{NodeFragment, PickSlots, Ruleset, ServiceFragment, ruleset, ruleset_reusing};
 pub use tx::{FamilyOps, KernelSet, KernelTable, NeedsFull, Op, Transaction};

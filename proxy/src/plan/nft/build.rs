@@ -1,5 +1,6 @@
 //! Snapshot -> desired ruleset of one family (kube-proxy's setupNFTables + syncProxyRules).
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
@@ -33,7 +34,9 @@ pub struct Ruleset {
     pub family: IpFamily,
     pub network: NodeNetwork,
     pub node: NodeFragment,
-    pub services: BTreeMap<ServicePortName, ServiceFragment>,
+    /// Shared (`Arc`) so that a sync reuses the unchanged fragments of the last one without
+    /// copying them (see `ruleset_reusing`).
+    pub services: BTreeMap<ServicePortName, Arc<ServiceFragment>>,
 }
 
 impl Ruleset {
@@ -79,10 +82,9 @@ impl Ruleset {
     /// Rules plus set/map elements: what `SyncOutcome::rules_total` reports.
     pub fn rule_count(&self) -> u64 {
         let rules: usize = self.chains().map(|c| c.rules.len()).sum();
-        let mut elements: Vec<&Element> = self.elements().collect();
         // A ClusterIP shared by several ports of one Service is one set element.
-        elements.sort();
-        elements.dedup();
+        let elements: std::collections::HashSet<(&str, &Key)> =
+            self.elements().map(|e| (e.set.as_str(), &e.key)).collect();
         (rules + elements.len()) as u64
     }
 }
@@ -848,14 +850,14 @@ pub fn ruleset_reusing(snapshot: &Snapshot, prev: Option<(&Snapshot, &Ruleset)>)
         match kept {
             Some(frag) => {
                 picks.reserve(frag);
-                services.insert(name.clone(), frag.clone());
+                services.insert(name.clone(), Arc::clone(frag));
             }
             None => fresh.push((name, s)),
         }
     }
     for (name, s) in fresh {
         let frag = service_fragment(net, name, s, net.masquerade_all, &mut picks);
-        services.insert(name.clone(), frag);
+        services.insert(name.clone(), Arc::new(frag));
     }
     Ruleset {
         family: net.family,
@@ -877,7 +879,13 @@ pub fn ruleset(snapshot: &Snapshot) -> Ruleset {
         .map(|(name, s)| {
             (
                 name.clone(),
-                service_fragment(net, name, s, net.masquerade_all, &mut picks),
+                Arc::new(service_fragment(
+                    net,
+                    name,
+                    s,
+                    net.masquerade_all,
+                    &mut picks,
+                )),
             )
         })
         .collect();

@@ -1,5 +1,6 @@
 //! Desired rulesets -> one nft transaction (full or partial), as a list of operations.
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::build::{Ruleset, ServiceFragment};
 use super::ir::*;
@@ -208,7 +209,12 @@ pub fn partial(
         let names: BTreeSet<&ServicePortName> =
             o.services.keys().chain(n.services.keys()).collect();
         for name in &names {
-            if !changed.contains(&name.service) && o.services.get(*name) != n.services.get(*name) {
+            // Fragments reused from the last sync are the same allocation: no deep compare.
+            let same = match (o.services.get(*name), n.services.get(*name)) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                (a, b) => a == b,
+            };
+            if !changed.contains(&name.service) && !same {
                 return Err(NeedsFull::UnlistedChange((*name).clone()));
             }
         }
@@ -231,11 +237,11 @@ fn partial_family<'a>(o: &'a Ruleset, n: &'a Ruleset, touched: &[&ServicePortNam
     let empty = ServiceFragment::default();
     let olds: Vec<&ServiceFragment> = touched
         .iter()
-        .map(|k| o.services.get(*k).unwrap_or(&empty))
+        .map(|k| o.services.get(*k).map_or(&empty, |f| &**f))
         .collect();
     let news: Vec<&ServiceFragment> = touched
         .iter()
-        .map(|k| n.services.get(*k).unwrap_or(&empty))
+        .map(|k| n.services.get(*k).map_or(&empty, |f| &**f))
         .collect();
 
     let new_chains: BTreeSet<&str> = news

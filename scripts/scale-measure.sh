@@ -43,15 +43,20 @@ done
 t1=$(now_ms)
 echo "cold sync ($services services x $endpoints endpoints, $mode): $((t1 - t0)) ms to /healthz 200"
 
-# The service chain of svc0 (name hashed as kube-proxy does): its numgen vmap must name the
-# new endpoint's chain. Listing one chain still makes nft load the table's chain cache, so
-# the figure includes that cost.
+# The service chain of svc0 (name hashed as kube-proxy does) picks its endpoint through one
+# of the endpoint-pick maps (chosen by a hash of the chain's name, see
+# proxy/src/plan/nft/names.rs): that map must name the new endpoint's chain. Listing one map
+# still makes nft load the table's cache, so the figure includes that cost.
 svc_chain=$(ip netns exec "$ns" nft -j list chains ip | python3 -c '
 import json,sys
 for o in json.load(sys.stdin)["nftables"]:
     c=o.get("chain")
     if c and c["name"].startswith("service-") and c["name"].endswith("-scale/svc0/tcp/http"):
         print(c["name"]); break')
+pick_map=$(python3 -c '
+import hashlib,sys
+d=hashlib.sha256(sys.argv[1].encode()).digest()
+print("endpoint-picks-%03x" % (int.from_bytes(d[4:8], "big") % 1024))' "$svc_chain")
 # One endpoint change: svc0 gets a new endpoint 10.127.255.254.
 python3 - "$dir/services-000.json" <<'PY'
 import json, os, sys
@@ -67,7 +72,7 @@ PY
 t2=$(now_ms)
 found=0
 for _ in $(seq 1 600); do
-    if ip netns exec "$ns" nft list chain ip shunt "$svc_chain" 2>/dev/null | grep -q '10.127.255.254'; then found=1; break; fi
+    if ip netns exec "$ns" nft list map ip shunt "$pick_map" 2>/dev/null | grep -q '__10.127.255.254/'; then found=1; break; fi
     sleep 0.02
 done
 t3=$(now_ms)

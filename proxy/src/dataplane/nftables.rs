@@ -1,5 +1,5 @@
-//! nftables backend: applies `plan::nft` transactions with `nft -j -f -` and reads state back
-//! with `nft -j list ...`.
+//! nftables backend: applies `plan::nft` transactions with `nft -f -` (nft's own syntax, see
+//! `plan::nft::text` for why not JSON) and reads state back with `nft -j list ...`.
 //!
 //! Every sync is one nft transaction covering both families' `shunt` tables, so the kernel
 //! either takes all of it or none of it. The backend remembers what it last programmed;
@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -155,10 +156,18 @@ impl NftablesDataplane {
 
     /// Sends one transaction; nft's own error text is returned on failure.
     fn apply(&self, tx: &Transaction) -> Result<(), DataplaneError> {
-        let doc = nft::json::to_json(tx);
-        let body = serde_json::to_vec(&doc)
-            .map_err(|e| DataplaneError::Other(format!("serializing the nft transaction: {e}")))?;
-        run(&self.nft_args(&["-j", "-f", "-"]), Some(&body)).map(|_| ())
+        let started = Instant::now();
+        let mut script = String::new();
+        nft::text::write_text(tx, &mut script);
+        let written = Instant::now();
+        run(&self.nft_args(&["-f", "-"]), Some(script.as_bytes()))?;
+        tracing::debug!(
+            bytes = script.len(),
+            write = ?written - started,
+            nft = ?written.elapsed(),
+            "applied nft transaction"
+        );
+        Ok(())
     }
 
     fn plan(&self, rulesets: &[Ruleset], changed: &Changed) -> Result<Transaction, DataplaneError> {
@@ -196,8 +205,29 @@ impl NftablesDataplane {
     }
 
     fn sync_inner(&mut self, request: SyncRequest<'_>) -> Result<SyncOutcome, DataplaneError> {
-        let rulesets: Vec<Ruleset> = request.snapshots.iter().map(nft::ruleset).collect();
+        let started = Instant::now();
+        let rulesets: Vec<Ruleset> = request
+            .snapshots
+            .iter()
+            .map(|snap| {
+                let prev = self.programmed.as_ref().and_then(|p| {
+                    let i = p
+                        .snapshots
+                        .iter()
+                        .position(|s| s.network.family == snap.network.family)?;
+                    Some((&p.snapshots[i], p.rulesets.get(i)?))
+                });
+                nft::ruleset_reusing(snap, prev)
+            })
+            .collect();
+        let built = Instant::now();
         let tx = self.plan(&rulesets, request.changed)?;
+        tracing::debug!(
+            build = ?built - started,
+            plan = ?built.elapsed(),
+            full = tx.full,
+            "planned nft transaction"
+        );
         if !tx.is_empty() {
             self.apply(&tx)?;
         }
@@ -205,6 +235,7 @@ impl NftablesDataplane {
             self.base_chains_recreated = true;
         }
 
+        let applied = Instant::now();
         // Stale UDP flows are deleted once the new rules are in place (as upstream), so that
         // the client's next packet is NATed by the new rules. The decision reads the kernel's
         // entries and the new state (plus the UDP ports deleted since the last sync, unknown
@@ -232,6 +263,7 @@ impl NftablesDataplane {
             rulesets,
             snapshots: request.snapshots.to_vec(),
         });
+        tracing::debug!(conntrack_and_bookkeeping = ?applied.elapsed(), "nftables sync done");
         Ok(SyncOutcome {
             full: tx.full,
             rules_total,
@@ -405,6 +437,15 @@ mod tests {
     use crate::plan::nft::names;
 
     struct Netns(String);
+
+    /// The elements of all endpoint-pick maps.
+    fn picks_of(t: &TableState) -> Vec<Value> {
+        t.elements
+            .iter()
+            .filter(|(n, _)| n.starts_with(names::ENDPOINT_PICKS_PREFIX))
+            .flat_map(|(_, e)| e.iter().cloned())
+            .collect()
+    }
 
     impl Netns {
         fn exec(&self, args: &[&str]) -> Result<String, DataplaneError> {
@@ -641,11 +682,37 @@ mod tests {
         let fixed = |t: &TableState| -> BTreeMap<String, Vec<Value>> {
             t.elements
                 .iter()
-                .filter(|(n, _)| !n.starts_with(names::AFFINITY_PREFIX))
+                .filter(|(n, _)| {
+                    !n.starts_with(names::AFFINITY_PREFIX)
+                        && !n.starts_with(names::ENDPOINT_PICKS_PREFIX)
+                })
                 .map(|(n, e)| (n.clone(), e.clone()))
                 .collect()
         };
         assert_eq!(fixed(&after), fixed(&v4), "no map element needed to change");
+        // The endpoint-pick slots: svc2's now name exactly its new endpoint chains, the
+        // others are untouched.
+        let picks = |t: &TableState, svc2: bool| -> BTreeSet<String> {
+            picks_of(t)
+                .iter()
+                .map(|e| e.to_string())
+                .filter(|e| e.contains("ns2/svc2") == svc2)
+                .collect()
+        };
+        assert_eq!(picks(&after, false), picks(&v4, false));
+        let targets: BTreeSet<String> = picks_of(&after)
+            .iter()
+            .filter_map(|e| e[1]["goto"]["target"].as_str())
+            .filter(|c| c.contains("ns2/svc2"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            targets,
+            eps_b
+                .iter()
+                .map(|e| names::endpoint_chain(&svc2, e))
+                .collect::<BTreeSet<_>>()
+        );
         assert_eq!(
             dp.read_table(IpFamily::V6).unwrap().unwrap(),
             v6,
@@ -689,6 +756,20 @@ mod tests {
         ns.exec(&[
             "nft",
             &format!("flush chain ip shunt {}", names::cluster_chain(&svc2)),
+        ])
+        .unwrap();
+        // Its endpoint-pick slot refers to it too.
+        let slot = picks_of(&b3)
+            .iter()
+            .find(|e| e[1]["goto"]["target"] == sabotaged.as_str())
+            .map(|e| e[0].clone())
+            .expect("the endpoint chain has a pick slot");
+        ns.exec(&[
+            "nft",
+            &format!(
+                "delete element ip shunt {} {{ {slot} }}",
+                names::endpoint_pick_map(&names::cluster_chain(&svc2))
+            ),
         ])
         .unwrap();
         ns.exec(&["nft", &format!("delete chain ip shunt {sabotaged}")])

@@ -15,11 +15,13 @@
 //!   port/protocol), drop the rest of the service CIDRs (unallocated ClusterIPs);
 //! - `mark-for-masquerade` (mark |= 0x4000) and `masquerading` (postrouting);
 //! - per service port: `service-*` (Cluster policy), `local-*` (Local policy), `external-*`,
-//!   `firewall-*`, `endpoint-*` chains and `affinity-*` timed sets.
+//!   `firewall-*`, `endpoint-*` chains and `affinity-*` timed sets; the service chains pick
+//!   an endpoint with `numgen random mod N offset K vmap @endpoint-picks`, each chain owning
+//!   the slots `[K, K + N)` of that one map (see `ir::Verdict::Pick` for why).
 pub mod build;
 pub mod ir;
-pub mod json;
 pub mod names;
+pub mod text;
 pub mod tx;
 
 #[cfg(test)]
@@ -29,5 +31,5 @@ mod tests;
 #[cfg(test)]
 mod trace;
 
-pub use build::{NodeFragment, Ruleset, ServiceFragment, ruleset};
+pub use build::{NodeFragment, PickSlots, Ruleset, ServiceFragment, ruleset, ruleset_reusing};
 pub use tx::{FamilyOps, KernelSet, KernelTable, NeedsFull, Op, Transaction};

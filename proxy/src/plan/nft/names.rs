@@ -45,6 +45,24 @@ pub const SERVICE_NODEPORTS: &str = "service-nodeports";
 pub const NO_ENDPOINT_SERVICES: &str = "no-endpoint-services";
 pub const NO_ENDPOINT_NODEPORTS: &str = "no-endpoint-nodeports";
 pub const FIREWALL_IPS: &str = "firewall-ips";
+/// Prefix of the verdict maps from endpoint-pick slots to endpoint chains (see
+/// `Verdict::Pick`): `endpoint-picks-000` .. `endpoint-picks-3ff`.
+pub const ENDPOINT_PICKS_PREFIX: &str = "endpoint-picks-";
+/// How many endpoint-pick maps each table has. The kernel walks a whole verdict map each
+/// time it validates a chain that looks it up (`nft_lookup_validate`), so one map shared by
+/// every service chain made validation quadratic (2,000 Services x 10 endpoints: 5 s of
+/// system time in `nft_rhash_walk`/`nft_chain_validate`); one map per service chain makes
+/// the kernel find each by name in a list (10,000 maps: 22 s). Spreading the service chains
+/// over a fixed number of maps keeps both small.
+pub const ENDPOINT_PICK_MAPS: u32 = 1024;
+
+/// The endpoint-pick map a service chain's slots live in (fixed by the chain's name).
+pub fn endpoint_pick_map(chain: &str) -> String {
+    let digest = Sha256::digest(chain.as_bytes());
+    let bucket =
+        u32::from_be_bytes([digest[4], digest[5], digest[6], digest[7]]) % ENDPOINT_PICK_MAPS;
+    format!("{ENDPOINT_PICKS_PREFIX}{bucket:03x}")
+}
 
 /// Prefix of the per-endpoint ClientIP affinity sets.
 pub const AFFINITY_PREFIX: &str = "affinity-";

@@ -552,7 +552,6 @@ struct FakeTable {
 fn verdict_targets(v: &Verdict) -> Vec<String> {
     match v {
         Verdict::Jump(c) | Verdict::Goto(c) => vec![c.clone()],
-        Verdict::RandomGoto(cs) => cs.clone(),
         _ => vec![],
     }
 }
@@ -571,7 +570,7 @@ fn rule_refs(r: &Rule) -> (Vec<String>, Vec<String>) {
         Stmt::UpdateSaddr(s) => Some(s.clone()),
         _ => None,
     }));
-    if let Some(Verdict::Vmap { map, .. }) = &r.verdict {
+    if let Some(Verdict::Vmap { map, .. } | Verdict::Pick { map, .. }) = &r.verdict {
         sets.push(map.clone());
     }
     (chains, sets)
@@ -764,7 +763,11 @@ fn touched_names(t: &Transaction) -> BTreeSet<String> {
             Op::AddRule { chain, .. } => Some(chain.clone()),
             Op::AddSet(d) => Some(d.name.clone()),
             Op::DeleteSet { name, .. } => Some(name.clone()),
-            Op::AddElement(e) | Op::DeleteElement(e) => Some(format!("{}:{:?}", e.set, e.key)),
+            // With the value: a slot of the shared endpoint-pick map is the service's own
+            // through the endpoint chain it names.
+            Op::AddElement(e) | Op::DeleteElement(e) => {
+                Some(format!("{}:{:?}:{:?}", e.set, e.key, e.value))
+            }
             _ => None,
         })
         .collect()
@@ -850,11 +853,20 @@ fn partial_sync_touches_only_the_changed_service() {
         !ops.iter()
             .any(|o| matches!(o, Op::AddSet(d) if d.name == affinity_set(&svc2, &kept)))
     );
-    // Map elements did not change (the service still has endpoints): none rewritten.
-    assert!(
-        !ops.iter()
-            .any(|o| matches!(o, Op::AddElement(_) | Op::DeleteElement(_)))
-    );
+    // Map elements of the fixed maps did not change (the service still has endpoints):
+    // none rewritten. Only slots of the endpoint-pick map are, and only those that now
+    // name another endpoint chain of svc2.
+    for o in ops {
+        if let Op::AddElement(e) | Op::DeleteElement(e) = o {
+            assert!(e.set.starts_with(ENDPOINT_PICKS_PREFIX), "{o:?}");
+            let Some(Verdict::Goto(c)) = &e.value else {
+                panic!("{o:?}")
+            };
+            assert!(c.contains("ns2/svc2"), "{o:?}");
+        }
+    }
+    assert!(ops.iter().any(|o| matches!(o,
+        Op::AddElement(e) if e.value == Some(Verdict::Goto(endpoint_chain(&svc2, &added))))));
     assert!(
         !touched
             .iter()
@@ -982,58 +994,170 @@ fn full_sync_drops_the_table_of_a_family_no_longer_programmed() {
     assert_eq!(rs.kernel_table(), fresh(&rs).kernel_table());
 }
 
+/// Every pick range of `rs`: (offset, count, map), with a check that each slot is in its map.
+fn pick_ranges(rs: &Ruleset) -> Vec<(u32, u32, String)> {
+    let elements: BTreeMap<(String, Key), Option<Verdict>> = rs
+        .elements()
+        .map(|e| ((e.set.clone(), e.key.clone()), e.value.clone()))
+        .collect();
+    let mut ranges = Vec::new();
+    for rule in rs.chains().flat_map(|c| c.rules.iter()) {
+        if let Some(Verdict::Pick { count, offset, map }) = &rule.verdict {
+            for slot in *offset..offset + count {
+                assert!(
+                    matches!(
+                        elements.get(&(map.clone(), Key::Pick(slot))),
+                        Some(Some(Verdict::Goto(_)))
+                    ),
+                    "slot {slot} of {map} missing"
+                );
+            }
+            ranges.push((*offset, *count, map.clone()));
+        }
+    }
+    ranges
+}
+
 #[test]
-fn json_lowering_uses_nft_schema_and_raw_verdict_maps() {
-    use serde_json::json;
-    let rs = ruleset(&two_services(vec![ep("10.180.0.3", 53, None)]));
+fn pick_slots_are_disjoint_and_skip_taken_ranges() {
+    let mut slots = super::build::PickSlots::default();
+    let a = slots.take("chain-a", 10);
+    // The same name wants the same start: it is moved past the first range.
+    let b = slots.take("chain-a", 5);
+    assert_eq!(b, a + 10);
+    let c = slots.take("chain-a", 3);
+    assert_eq!(c, a + 15);
+    // Ranges never cross 2^31 (numgen's offset + modulus stays in a u32).
+    let big = super::build::PickSlots::default().take("chain-b", (1 << 31) - 100);
+    assert!(u64::from(big) + (1u64 << 31) - 100 <= 1u64 << 31);
+}
+
+#[test]
+fn reusing_fragments_keeps_unchanged_services_and_their_slots() {
+    let old_snap = two_services(vec![ep("10.180.0.2", 53, None), ep("10.180.0.3", 53, None)]);
+    let old = ruleset(&old_snap);
+    // Same state: the very same ruleset.
+    assert_eq!(
+        super::build::ruleset_reusing(&old_snap, Some((&old_snap, &old))),
+        old
+    );
+    // svc2 changes: svc1's fragment is kept as is, svc2's is the one `ruleset` builds, and
+    // all pick ranges stay disjoint and filled.
+    let new_snap = two_services(vec![
+        ep("10.180.0.3", 53, None),
+        ep("10.180.0.4", 53, None),
+        ep("10.180.0.5", 53, None),
+    ]);
+    let new = super::build::ruleset_reusing(&new_snap, Some((&old_snap, &old)));
+    let svc1 = old.services.keys().next().unwrap();
+    let svc2 = old.services.keys().nth(1).unwrap();
+    assert_eq!(new.services[svc1], old.services[svc1]);
+    assert_eq!(new.services[svc2], ruleset(&new_snap).services[svc2]);
+    let mut ranges = pick_ranges(&new);
+    ranges.sort();
+    assert!(ranges.len() >= 2);
+    for w in ranges.windows(2) {
+        assert!(w[0].0 + w[0].1 <= w[1].0, "overlapping ranges {w:?}");
+    }
+    // And it programs the same thing: a partial sync from `old` is accepted.
+    assert!(
+        tx::partial(
+            std::slice::from_ref(&old),
+            std::slice::from_ref(&new),
+            &keys(&["ns2/svc2"])
+        )
+        .is_ok()
+    );
+    // Another node network: nothing is reused (masquerade-all changes every fragment).
+    let mut other = new_snap.clone();
+    other.network.masquerade_all = !other.network.masquerade_all;
+    assert_eq!(
+        super::build::ruleset_reusing(&other, Some((&old_snap, &old))),
+        ruleset(&other)
+    );
+}
+
+#[test]
+fn text_lowering_speaks_nft_syntax_and_batches_elements() {
+    let rs = ruleset(&two_services(vec![
+        ep("10.180.0.3", 53, None),
+        ep("10.180.0.4", 53, None),
+    ]));
     let t = tx::full(std::slice::from_ref(&rs), &BTreeMap::new(), false);
-    let doc = super::json::to_json(&t);
-    let cmds = doc["nftables"].as_array().unwrap();
-    let find = |pred: &dyn Fn(&serde_json::Value) -> bool| cmds.iter().find(|c| pred(c)).cloned();
-    // Verdict maps carry "map": "verdict" (the crate has no such type).
-    let m = find(&|c| c["add"]["map"]["name"] == SERVICE_IPS).unwrap();
-    assert_eq!(m["add"]["map"]["map"], json!("verdict"));
+    let text = super::text::to_text(&t);
+    let lines: Vec<&str> = text.lines().collect();
+    let has = |want: &str| lines.iter().any(|l| l.contains(want));
+    assert_eq!(lines[0], "add table ip shunt");
+    assert!(has(
+        "add chain ip shunt nat-prerouting { type nat hook prerouting priority -100; policy accept; }"
+    ));
+    assert!(has(&format!(
+        "add map ip shunt {SERVICE_IPS} {{ type ipv4_addr . inet_proto . inet_service : verdict;"
+    )));
+    assert!(has(&format!(
+        "add map ip shunt {ENDPOINT_PICKS_PREFIX}000 {{ typeof numgen random mod 1 : verdict; }}"
+    )));
+    // Affinity sets: timeout flag and value.
+    assert!(lines.iter().any(
+        |l| l.starts_with(&format!("add set ip shunt {AFFINITY_PREFIX}"))
+            && l.ends_with("{ type ipv4_addr; flags timeout; timeout 60s; }")
+    ));
+    assert!(has(
+        "add rule ip shunt masquerading meta mark & 0x4000 == 0 return"
+    ));
+    assert!(has(
+        "add rule ip shunt masquerading meta mark set meta mark ^ 0x4000"
+    ));
+    assert!(has(
+        "add rule ip shunt masquerading masquerade fully-random"
+    ));
+    assert!(has("meta l4proto udp dnat to 10.180.0.3:53"));
+    // Endpoint choice: the pick rule and its slots.
+    let svc2 = rs.services.keys().nth(1).unwrap();
+    let (count, offset, map) = rs.services[svc2]
+        .chains
+        .iter()
+        .flat_map(|c| c.rules.iter())
+        .find_map(|r| match &r.verdict {
+            Some(Verdict::Pick { count, offset, map }) => Some((*count, *offset, map.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(count, 2);
+    assert!(has(&format!(
+        "numgen random mod 2 offset {offset} vmap @{map}"
+    )));
+    // All elements of one map in one command, with comments before the value.
+    let service_ips: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.starts_with(&format!("add element ip shunt {SERVICE_IPS} ")))
+        .collect();
+    assert_eq!(service_ips.len(), 1, "{service_ips:?}");
+    assert!(service_ips[0].contains("172.30.0.42 . udp . 53 : goto service-"));
+    let picks = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("add element ip shunt {map} ")))
+        .unwrap();
+    assert!(picks.contains(&format!("{offset} : goto endpoint-")));
+    assert!(picks.contains(&format!("{} : goto endpoint-", offset + 1)));
+    // Deletions carry keys only.
+    let del = Transaction {
+        full: false,
+        families: vec![tx::FamilyOps {
+            family: IpFamily::V4,
+            ops: vec![
+                Op::DeleteElement(Element {
+                    set: SERVICE_IPS.into(),
+                    key: Key::AddrProtoPort("172.30.0.42".parse().unwrap(), Protocol::Udp, 53),
+                    value: Some(Verdict::Goto("x".into())),
+                    comment: Some("c".into()),
+                }),
+                Op::DeleteChain("x".into()),
+            ],
+        }],
+    };
     assert_eq!(
-        m["add"]["map"]["type"],
-        json!(["ipv4_addr", "inet_proto", "inet_service"])
-    );
-    // Affinity sets: only the timeout flag.
-    let a = find(&|c| {
-        c["add"]["set"]["name"]
-            .as_str()
-            .is_some_and(|n| n.starts_with(AFFINITY_PREFIX))
-    })
-    .unwrap();
-    assert_eq!(a["add"]["set"]["flags"], json!(["timeout"]));
-    assert_eq!(a["add"]["set"]["timeout"], json!(60));
-    // Map elements are [key, verdict] pairs.
-    let e = find(&|c| c["add"]["element"]["name"] == SERVICE_IPS).unwrap();
-    assert_eq!(e["add"]["element"]["elem"][0][0]["concat"][1], json!("tcp"));
-    assert!(e["add"]["element"]["elem"][0][1]["goto"]["target"].is_string());
-    // Masquerade with kube-proxy's mark and fully-random.
-    let masq = find(&|c| {
-        c["add"]["rule"]["chain"] == MASQUERADING
-            && c["add"]["rule"]["expr"][0].get("masquerade").is_some()
-    })
-    .unwrap();
-    assert_eq!(
-        masq["add"]["rule"]["expr"][0]["masquerade"]["flags"],
-        json!(["fully-random"])
-    );
-    let mark = find(&|c| c["add"]["rule"]["chain"] == MARK_MASQ).unwrap();
-    assert_eq!(
-        mark["add"]["rule"]["expr"][0]["mangle"]["value"]["|"][1],
-        json!(0x4000)
-    );
-    // Endpoint choice: numgen random mod N vmap.
-    let ng = find(&|c| {
-        c["add"]["rule"]["expr"][0]["vmap"]["key"]
-            .get("numgen")
-            .is_some()
-    })
-    .unwrap();
-    assert_eq!(
-        ng["add"]["rule"]["expr"][0]["vmap"]["key"]["numgen"]["mode"],
-        json!("random")
+        super::text::to_text(&del),
+        "delete element ip shunt service-ips { 172.30.0.42 . udp . 53 }\ndelete chain ip shunt x\n"
     );
 }

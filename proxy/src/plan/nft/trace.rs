@@ -154,6 +154,7 @@ impl<'a> Run<'a> {
                         KeyType::Addr => Key::Addr(dst),
                         KeyType::AddrProtoPort => Key::AddrProtoPort(dst, p.protocol, dport),
                         KeyType::ProtoPort => Key::ProtoPort(p.protocol, dport),
+                        KeyType::Pick => panic!("pick maps are read by Verdict::Pick"),
                     };
                     match self.has(map, &k).and_then(|e| e.value.clone()) {
                         None => None,
@@ -163,12 +164,17 @@ impl<'a> Run<'a> {
                         Some(other) => panic!("unexpected map verdict {other:?}"),
                     }
                 }
-                Verdict::RandomGoto(targets) => {
+                Verdict::Pick { count, offset, map } => {
                     let i = self.next_pick;
                     self.next_pick += 1;
-                    self.widths.push(targets.len());
-                    let pick = self.picks.get(i).copied().unwrap_or(0);
-                    self.call(&targets[pick], p, true)
+                    self.widths.push(*count as usize);
+                    let pick = self.picks.get(i).copied().unwrap_or(0) as u32;
+                    // Every slot of the range must be in the map, else nft would fall
+                    // through with no verdict for that draw.
+                    match self.has(map, &Key::Pick(offset + pick)).map(|e| &e.value) {
+                        Some(Some(Verdict::Goto(c))) => self.call(c, p, true),
+                        other => panic!("pick slot {} of {map}: {other:?}", offset + pick),
+                    }
                 }
             };
             if let Some(f) = next {

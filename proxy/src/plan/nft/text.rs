@@ -1,7 +1,8 @@
 //! Lowering of a `Transaction` to nft's native syntax, the input of `nft -f -` (what
 //! kube-proxy's knftables feeds nft as well).
 //!
-//! Why text rather than JSON (`nft -j -f -`, see `json`), measured on nft 1.0.6 with the
+//! Why text rather than JSON (`nft -j -f -`, which shunt used to generate with the `nftables`
+//! crate's typed schema), measured on nft 1.0.6 with the
 //! same 2,000-Service x 10-endpoint ruleset loaded into an empty namespace: JSON 3.7 s and
 //! 470 MB peak RSS in nft, text 2.4 s and 225 MB (nft's JSON parser builds a jansson tree
 //! of the whole document before it evaluates a single command). More decisively, nft 1.0.6's

@@ -23,7 +23,10 @@ use aya_ebpf::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT,
         tcx_action_base::{TCX_DROP, TCX_NEXT},
     },
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    helpers::{
+        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail,
+        bpf_skb_load_bytes,
+    },
     macros::{classifier, map},
     maps::{
         HashMap, LruHashMap, PerCpuArray,
@@ -362,6 +365,22 @@ fn rewrite(ctx: &TcContext, p: &Pkt, dst: bool, addr: u32, port: u16) -> Result<
     Ok(())
 }
 
+/// Copy exactly N bytes at `off` (aya's `load_bytes` clamps the length to the packet, which
+/// the verifier rejects as a possibly zero-sized read).
+#[inline(always)]
+fn load_buf<const N: usize>(ctx: &TcContext, off: usize, buf: &mut [u8; N]) -> Result<(), ()> {
+    // SAFETY: helper call with a stack buffer of exactly N bytes.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            off as u32,
+            buf.as_mut_ptr() as *mut _,
+            N as u32,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(()) }
+}
+
 /// One's-complement sum of big-endian 16-bit words (RFC 1071), not yet folded.
 #[inline(always)]
 fn sum16<const N: usize>(buf: &[u8; N], mut acc: u32) -> u32 {
@@ -407,7 +426,7 @@ fn reject(ctx: &TcContext, p: &Pkt) -> Result<i32, ()> {
         return Ok(TCX_DROP);
     }
     let mut eth = [0u8; 12];
-    ctx.load_bytes(0, &mut eth).map_err(|_| ())?;
+    load_buf(ctx, 0, &mut eth)?;
     let mut swapped = [0u8; 12];
     swapped[..6].copy_from_slice(&eth[6..12]);
     swapped[6..].copy_from_slice(&eth[..6]);
@@ -460,7 +479,7 @@ fn reject(ctx: &TcContext, p: &Pkt) -> Result<i32, ()> {
         // ICMP destination unreachable / port unreachable (RFC 792) quoting the original
         // IP header and the first 8 bytes of its payload.
         let mut quote = [0u8; 28];
-        ctx.load_bytes(IP_OFF, &mut quote).map_err(|_| ())?;
+        load_buf(ctx, IP_OFF, &mut quote)?;
         let ip = ip_header(20 + 8 + 28, IPPROTO_ICMP, p.daddr, p.saddr);
         let mut icmp = [0u8; 36];
         icmp[0] = 3;

@@ -1,6 +1,7 @@
 //! IMPURE: backends that apply a plan to the kernel and read state back.
 //!
 //! A backend never decides Kubernetes semantics; it asks `plan` what to do and does it.
+pub mod ebpf;
 pub mod nftables;
 
 pub use crate::model::Changed;

@@ -506,4 +506,4 @@ pub fn ids_from_maps(st: &mut State4) {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

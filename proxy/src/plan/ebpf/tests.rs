@@ -10,11 +10,11 @@ use crate::model::{
     ServicePort, ServicePortName, ServicePortState, Snapshot,
 };
 
-fn ip(s: &str) -> IpAddr {
+pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn ep(addr: &str, local: bool) -> Endpoint {
+pub(crate) fn ep(addr: &str, local: bool) -> Endpoint {
     Endpoint {
         ip: ip(addr),
         port: 8080,
@@ -29,7 +29,7 @@ fn ep(addr: &str, local: bool) -> Endpoint {
     }
 }
 
-fn svc(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePortState {
+pub(crate) fn svc(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePortState {
     ServicePortState {
         port: ServicePort {
             name: ServicePortName {
@@ -60,7 +60,7 @@ fn svc(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePortState {
     }
 }
 
-fn snap(services: Vec<ServicePortState>) -> Snapshot {
+pub(crate) fn snap(services: Vec<ServicePortState>) -> Snapshot {
     Snapshot {
         network: NodeNetwork {
             family: IpFamily::V4,

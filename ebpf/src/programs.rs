@@ -42,8 +42,7 @@ use shunt_abi::{
 #[map(name = "SHUNT_STATS")]
 static SHUNT_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 #[map(name = "SHUNT_SVC4")]
-static SVC4: HashMap<Service4Key, Service4Value> =
-    HashMap::with_max_entries(limits::SERVICES, 0);
+static SVC4: HashMap<Service4Key, Service4Value> = HashMap::with_max_entries(limits::SERVICES, 0);
 #[map(name = "SHUNT_BE4")]
 static BE4: HashMap<u32, Backend4> = HashMap::with_max_entries(limits::BACKENDS, 0);
 #[map(name = "SHUNT_REVNAT4")]
@@ -448,9 +447,7 @@ fn reject(ctx: &TcContext, p: &Pkt) -> Result<i32, ()> {
         let (rseq, rack, rflags) = if flags & TCP_ACK != 0 {
             (ack, 0, TCP_RST)
         } else {
-            let occ = payload
-                + u32::from(flags & TCP_SYN != 0)
-                + u32::from(flags & TCP_FIN != 0);
+            let occ = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
             (0, seq.wrapping_add(occ), TCP_RST | TCP_ACK)
         };
         let ip = ip_header(40, IPPROTO_TCP, p.daddr, p.saddr);

@@ -6,7 +6,7 @@
 //! Restart: the maps are pinned by name (`EbpfLoader::map_pin_path`, which re-uses a pinned
 //! map when the file exists), so conntrack entries and backend ids survive a restart and
 //! established connections keep flowing; the current map content is read back and becomes
-//! the base of the next diff. tcx links are pinned too (`tcx_<ifname>`): a restart attaches
+//! the base of the next diff. tcx links are pinned too (`tcx_<ifindex>`): a restart attaches
 //! the new program first and only then unpins the old link (make-before-break; two programs
 //! in the chain share the maps, and the second finds nothing to do on a packet the first
 //! already translated).
@@ -96,13 +96,16 @@ pub fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
     for (n, p) in &paths {
         loader.map_pin_path(n, p.as_path());
     }
-    let mut ebpf = loader.load(OBJECT).map_err(|e| other("loading the eBPF object", e))?;
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|e| other("loading the eBPF object", e))?;
     let prog: &mut SchedClassifier = ebpf
         .program_mut(TC_INGRESS)
         .ok_or_else(|| other(TC_INGRESS, "missing from the object"))?
         .try_into()
         .map_err(|e| other(TC_INGRESS, e))?;
-    prog.load().map_err(|e| other(format!("verifier: {TC_INGRESS}"), e))?;
+    prog.load()
+        .map_err(|e| other(format!("verifier: {TC_INGRESS}"), e))?;
     Ok(ebpf)
 }
 
@@ -151,11 +154,9 @@ pub fn apply_ops(ebpf: &mut Ebpf, ops: &[MapOp]) -> Result<(), DataplaneError> {
             }
             MapOp::PutClusterIp(a) => hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.insert(a, 1, 0),
             MapOp::DelClusterIp(a) => hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.remove(a),
-            MapOp::PutSrcRange(p, r) => trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.insert(
-                &Key::new(*p, r.abi()),
-                1,
-                0,
-            ),
+            MapOp::PutSrcRange(p, r) => {
+                trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.insert(&Key::new(*p, r.abi()), 1, 0)
+            }
             MapOp::DelSrcRange(p, r) => {
                 trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.remove(&Key::new(*p, r.abi()))
             }
@@ -188,7 +189,8 @@ pub fn read_state(ebpf: &mut Ebpf) -> Result<State4, DataplaneError> {
         st.rev_nat.insert(k, v);
     }
     for k in hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.keys() {
-        st.cluster_ips.insert(k.map_err(|e| rd(names::CLUSTER_IP4, e))?);
+        st.cluster_ips
+            .insert(k.map_err(|e| rd(names::CLUSTER_IP4, e))?);
     }
     for k in trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.keys() {
         let k = k.map_err(|e| rd(names::SRC_RANGE4, e))?;
@@ -221,8 +223,7 @@ pub fn read_state(ebpf: &mut Ebpf) -> Result<State4, DataplaneError> {
 fn fs_magic(dir: &Path) -> Result<i64, DataplaneError> {
     use std::os::unix::ffi::OsStrExt as _;
     let what = || format!("statfs {}", dir.display());
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
-        .map_err(|e| other(what(), e))?;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| other(what(), e))?;
     let mut buf = std::mem::MaybeUninit::<nix::libc::statfs>::zeroed();
     // SAFETY: valid NUL-terminated path and a properly sized out buffer.
     let rc = unsafe { nix::libc::statfs(c.as_ptr(), buf.as_mut_ptr()) };
@@ -230,6 +231,8 @@ fn fs_magic(dir: &Path) -> Result<i64, DataplaneError> {
         return Err(io(what(), std::io::Error::last_os_error()));
     }
     // SAFETY: statfs returned 0, so it filled the buffer.
+    // f_type is __fsword_t: i64 on x86_64, narrower on some architectures.
+    #[allow(clippy::unnecessary_cast)]
     Ok(unsafe { buf.assume_init() }.f_type as i64)
 }
 
@@ -258,8 +261,11 @@ impl EbpfDataplane {
         })
     }
 
-    fn link_pin(&self, ifname: &str) -> PathBuf {
-        self.opts.pin_dir.join(format!("tcx_{ifname}"))
+    /// Link pins are named by ifindex: bpffs refuses names with a dot (bpf_lookup in
+    /// kernel/bpf/inode.c), which interface names like `eth0.100` have.
+    fn link_pin(&self, ifindex: u32, new: bool) -> PathBuf {
+        let prefix = if new { "tcxnew_" } else { "tcx_" };
+        self.opts.pin_dir.join(format!("{prefix}{ifindex}"))
     }
 
     fn interfaces(&self) -> Result<Vec<String>, DataplaneError> {
@@ -303,16 +309,25 @@ impl EbpfDataplane {
                 .map_err(|e| other(ifname, e))?
                 .try_into()
                 .map_err(|e| other(ifname, e))?;
-            let final_pin = self.link_pin(ifname);
-            let tmp = dir.join(format!("tcx_{ifname}.new"));
+            let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
+                .map_err(|e| io(format!("interface {ifname}"), e.into()))?;
+            let final_pin = self.link_pin(ifindex, false);
+            let tmp = self.link_pin(ifindex, true);
             let _ = std::fs::remove_file(&tmp);
-            link.pin(&tmp)
-                .map_err(|e| other(format!("pinning the link on {ifname}"), e))?;
+            link.pin(&tmp).map_err(|e| {
+                other(
+                    format!("pinning the link on {ifname} at {}", tmp.display()),
+                    std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string()),
+                )
+            })?;
             // The old program (previous run) stays attached until the new one is in place.
             if final_pin.exists() {
                 let old = PinnedLink::from_pin(&final_pin)
                     .map_err(|e| other(format!("adopting {}", final_pin.display()), e))?;
-                drop(old.unpin().map_err(|e| io(format!("unpinning {ifname}"), e))?);
+                drop(
+                    old.unpin()
+                        .map_err(|e| io(format!("unpinning {ifname}"), e))?,
+                );
             }
             std::fs::rename(&tmp, &final_pin)
                 .map_err(|e| io(format!("renaming the link pin of {ifname}"), e))?;
@@ -385,7 +400,7 @@ impl Dataplane for EbpfDataplane {
             let name = ent.file_name().to_string_lossy().into_owned();
             // Only what we pin: our map names and our link pins. Removing a link's last pin
             // (no fd open any more) detaches it.
-            if names::ALL.contains(&name.as_str()) || name.starts_with("tcx_") {
+            if names::ALL.contains(&name.as_str()) || name.starts_with("tcx") {
                 std::fs::remove_file(ent.path())
                     .map_err(|e| io(format!("removing {}", ent.path().display()), e))?;
             }
@@ -400,5 +415,7 @@ impl Dataplane for EbpfDataplane {
     }
 }
 
+#[cfg(test)]
+mod netns_tests;
 #[cfg(test)]
 mod tests;

@@ -101,7 +101,11 @@ fn packet(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: 
     }
     let csum = l4_csum(&p);
     let off = 34 + if proto == TCP { 16 } else { 6 };
-    let csum = if proto == UDP && csum == 0 { 0xffff } else { csum };
+    let csum = if proto == UDP && csum == 0 {
+        0xffff
+    } else {
+        csum
+    };
     p[off..off + 2].copy_from_slice(&csum.to_be_bytes());
     p
 }
@@ -126,19 +130,28 @@ fn l4_csum(p: &[u8]) -> u16 {
 }
 
 fn assert_checksums(p: &[u8]) {
-    assert_eq!(fold(sum(&p[14..34], 0)), 0, "IPv4 header checksum of {p:02x?}");
+    assert_eq!(
+        fold(sum(&p[14..34], 0)),
+        0,
+        "IPv4 header checksum of {p:02x?}"
+    );
     let proto = p[23];
-    let off = 34 + match proto {
-        TCP => 16,
-        UDP => 6,
-        _ => 2,
-    };
+    let off = 34
+        + match proto {
+            TCP => 16,
+            UDP => 6,
+            _ => 2,
+        };
     let have = u16::from_be_bytes([p[off], p[off + 1]]);
     if proto == UDP && have == 0 {
         return;
     }
     let want = l4_csum(p);
-    let want = if proto == UDP && want == 0 { 0xffff } else { want };
+    let want = if proto == UDP && want == 0 {
+        0xffff
+    } else {
+        want
+    };
     assert_eq!(have, want, "L4 checksum (proto {proto}) of {p:02x?}");
 }
 
@@ -239,7 +252,11 @@ fn udp_dnat_fixes_checksum_and_keeps_zero_checksum() {
     let (rc, out) = run(&mut ebpf, &p);
     assert_eq!(rc, TCX_NEXT);
     assert_eq!(daddr(&out), [10, 1, 0, 1]);
-    assert_eq!(u16::from_be_bytes([out[40], out[41]]), 0, "no checksum stays none");
+    assert_eq!(
+        u16::from_be_bytes([out[40], out[41]]),
+        0,
+        "no checksum stays none"
+    );
     assert_checksums(&out);
 }
 
@@ -257,7 +274,11 @@ fn no_endpoints_tcp_is_answered_with_rst() {
     assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
     assert_eq!((daddr(&out), dport(&out)), (CLIENT, 40000));
     assert_eq!(out[47], 0x14, "RST|ACK");
-    assert_eq!(u32::from_be_bytes(out[38..42].try_into().unwrap()), 0, "seq");
+    assert_eq!(
+        u32::from_be_bytes(out[38..42].try_into().unwrap()),
+        0,
+        "seq"
+    );
     assert_eq!(
         u32::from_be_bytes(out[42..46].try_into().unwrap()),
         1000 + 5 + 1,
@@ -292,8 +313,16 @@ fn no_endpoints_udp_is_answered_with_port_unreachable() {
     assert_eq!(out.len(), 14 + 20 + 8 + 28);
     assert_eq!(out[23], 1, "ICMP");
     assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
-    assert_eq!((out[34], out[35]), (3, 3), "dest unreachable / port unreachable");
-    assert_eq!(&out[42..70], &p[14..42], "quotes the original header + 8 bytes");
+    assert_eq!(
+        (out[34], out[35]),
+        (3, 3),
+        "dest unreachable / port unreachable"
+    );
+    assert_eq!(
+        &out[42..70],
+        &p[14..42],
+        "quotes the original header + 8 bytes"
+    );
     assert_checksums(&out);
 }
 
@@ -304,7 +333,10 @@ fn drops_unallocated_service_ips_and_local_policy_without_local_endpoints() {
     }
     let mut local = svc("l", "172.30.0.12", vec![ep("10.1.0.2", false)]);
     local.port.internal_policy_local = true;
-    let mut ebpf = setup(&snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.1", false)]), local]));
+    let mut ebpf = setup(&snap(vec![
+        svc("a", "172.30.0.10", vec![ep("10.1.0.1", false)]),
+        local,
+    ]));
     let unalloc = packet(TCP, CLIENT, 40000, [172, 30, 0, 99], 80, SYN);
     assert_eq!(run(&mut ebpf, &unalloc).0, TCX_DROP);
     let l = packet(TCP, CLIENT, 40000, [172, 30, 0, 12], 80, SYN);
@@ -314,7 +346,13 @@ fn drops_unallocated_service_ips_and_local_policy_without_local_endpoints() {
     assert_eq!(run(&mut ebpf, &out).0, TCX_NEXT);
 }
 
-fn backends_seen(ebpf: &mut Ebpf, src: [u8; 4], dst: [u8; 4], port: u16, n: u16) -> BTreeSet<[u8; 4]> {
+fn backends_seen(
+    ebpf: &mut Ebpf,
+    src: [u8; 4],
+    dst: [u8; 4],
+    port: u16,
+    n: u16,
+) -> BTreeSet<[u8; 4]> {
     (0..n)
         .map(|i| {
             let (rc, out) = run(ebpf, &packet(TCP, src, 30000 + i, dst, port, SYN));
@@ -340,7 +378,10 @@ fn random_choice_spreads_and_affinity_sticks() {
     let mut ebpf = setup(&snap(vec![s]));
     assert_eq!(backends_seen(&mut ebpf, CLIENT, VIP, 80, 64).len(), 1);
     // Another client is free to land elsewhere, but also sticks.
-    assert_eq!(backends_seen(&mut ebpf, [10, 1, 0, 10], VIP, 80, 32).len(), 1);
+    assert_eq!(
+        backends_seen(&mut ebpf, [10, 1, 0, 10], VIP, 80, 32).len(),
+        1
+    );
 }
 
 #[test]
@@ -369,7 +410,10 @@ fn source_ranges_and_local_policy_short_circuit() {
     // With eTP=Cluster an allowed source is DNATted on the LB IP.
     s.port.external_policy_local = false;
     let mut ebpf = setup(&snap(vec![s]));
-    let (rc, out) = run(&mut ebpf, &packet(TCP, OUTSIDE, 40000, [1, 2, 3, 4], 80, SYN));
+    let (rc, out) = run(
+        &mut ebpf,
+        &packet(TCP, OUTSIDE, 40000, [1, 2, 3, 4], 80, SYN),
+    );
     assert_eq!(rc, TCX_NEXT);
     assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 2], 8080));
     assert_checksums(&out);

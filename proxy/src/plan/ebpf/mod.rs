@@ -40,7 +40,11 @@ pub enum PlanError {
     #[error("service {service}: more than {max} endpoints in one frontend")]
     TooManyEndpoints { service: String, max: usize },
     #[error("map {map} would need {need} entries, its size is {max}")]
-    MapFull { map: &'static str, need: usize, max: u32 },
+    MapFull {
+        map: &'static str,
+        need: usize,
+        max: u32,
+    },
     #[error("no free {what} id")]
     IdsExhausted { what: &'static str },
 }
@@ -160,7 +164,11 @@ fn alloc(used: &BTreeSet<u32>, max: u32, what: &'static str) -> Result<u32, Plan
 /// affinity entries referring to them stay valid). `local_addrs` are the node's addresses,
 /// used when `--nodeport-addresses` selects every local address; loopback addresses never
 /// accept NodePorts (kube-proxy's nftables mode does not support localhost NodePorts).
-pub fn desired(snap: &Snapshot, local_addrs: &[IpAddr], prev: &State4) -> Result<State4, PlanError> {
+pub fn desired(
+    snap: &Snapshot,
+    local_addrs: &[IpAddr],
+    prev: &State4,
+) -> Result<State4, PlanError> {
     if snap.network.family == IpFamily::V6 {
         return Err(PlanError::Ipv6);
     }
@@ -221,7 +229,11 @@ pub fn desired(snap: &Snapshot, local_addrs: &[IpAddr], prev: &State4) -> Result
     for f in &frontend_want {
         if !st.rev_nat_ids.contains_key(f) {
             // rev_nat_id is a u16 in service values and affinity keys.
-            let id = alloc(&used, u32::from(u16::MAX).min(limits::REVNAT), "reverse-NAT")?;
+            let id = alloc(
+                &used,
+                u32::from(u16::MAX).min(limits::REVNAT),
+                "reverse-NAT",
+            )?;
             used.insert(id);
             st.rev_nat_ids.insert(*f, id);
         }
@@ -291,7 +303,10 @@ pub fn desired(snap: &Snapshot, local_addrs: &[IpAddr], prev: &State4) -> Result
                 flags |= svc_flags::MASQUERADE;
             }
             let ranges: Vec<Lpm4Ord> = if is_lb {
-                sp.load_balancer_source_ranges.iter().filter_map(lpm).collect()
+                sp.load_balancer_source_ranges
+                    .iter()
+                    .filter_map(lpm)
+                    .collect()
             } else {
                 Vec::new()
             };
@@ -399,10 +414,26 @@ fn put_frontend(
 
 fn check(st: &State4) -> Result<(), PlanError> {
     let sizes: [(&'static str, usize, u32); 5] = [
-        (shunt_abi::names::SERVICES4, st.services.len(), limits::SERVICES),
-        (shunt_abi::names::BACKENDS4, st.backends.len(), limits::BACKENDS),
-        (shunt_abi::names::SRC_RANGE4, st.src_ranges.len(), limits::SRC_RANGES),
-        (shunt_abi::names::CLUSTER_IP4, st.cluster_ips.len(), limits::CLUSTER_IPS),
+        (
+            shunt_abi::names::SERVICES4,
+            st.services.len(),
+            limits::SERVICES,
+        ),
+        (
+            shunt_abi::names::BACKENDS4,
+            st.backends.len(),
+            limits::BACKENDS,
+        ),
+        (
+            shunt_abi::names::SRC_RANGE4,
+            st.src_ranges.len(),
+            limits::SRC_RANGES,
+        ),
+        (
+            shunt_abi::names::CLUSTER_IP4,
+            st.cluster_ips.len(),
+            limits::CLUSTER_IPS,
+        ),
         (
             shunt_abi::names::SERVICE_CIDR4,
             st.service_cidrs.len().max(st.local_cidrs.len()),
@@ -455,10 +486,20 @@ pub fn diff(old: &State4, new: &State4) -> Vec<MapOp> {
         }
     }
     let gone = |k: &&Service4Key| !new.services.contains_key(k);
-    for k in old.services.keys().filter(|k| k.backend_slot == 0).filter(gone) {
+    for k in old
+        .services
+        .keys()
+        .filter(|k| k.backend_slot == 0)
+        .filter(gone)
+    {
         ops.push(MapOp::DelService(*k));
     }
-    for k in old.services.keys().filter(|k| k.backend_slot != 0).filter(gone) {
+    for k in old
+        .services
+        .keys()
+        .filter(|k| k.backend_slot != 0)
+        .filter(gone)
+    {
         ops.push(MapOp::DelService(*k));
     }
     for (p, r) in old.src_ranges.difference(&new.src_ranges) {
@@ -473,10 +514,18 @@ pub fn diff(old: &State4, new: &State4) -> Vec<MapOp> {
     for c in old.local_cidrs.difference(&new.local_cidrs) {
         ops.push(MapOp::DelLpm(Trie::LocalCidr, *c));
     }
-    for id in old.rev_nat.keys().filter(|id| !new.rev_nat.contains_key(id)) {
+    for id in old
+        .rev_nat
+        .keys()
+        .filter(|id| !new.rev_nat.contains_key(id))
+    {
         ops.push(MapOp::DelRevNat(*id));
     }
-    for id in old.backends.keys().filter(|id| !new.backends.contains_key(id)) {
+    for id in old
+        .backends
+        .keys()
+        .filter(|id| !new.backends.contains_key(id))
+    {
         ops.push(MapOp::DelBackend(*id));
     }
     ops

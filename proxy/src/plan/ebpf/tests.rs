@@ -6,8 +6,8 @@ use shunt_abi::{addr4, port, scope, svc_flags};
 
 use super::*;
 use crate::model::{
-    Endpoint, IpFamily, LocalDetector, NodeNetwork, NodePortIps, Protocol, ServiceKey,
-    ServicePort, ServicePortName, ServicePortState, Snapshot,
+    Endpoint, IpFamily, LocalDetector, NodeNetwork, NodePortIps, Protocol, ServiceKey, ServicePort,
+    ServicePortName, ServicePortState, Snapshot,
 };
 
 pub(crate) fn ip(s: &str) -> IpAddr {
@@ -110,7 +110,10 @@ fn cluster_ip_with_two_endpoints() {
     assert_ne!(b1, b2);
     assert_eq!(st.backends[&b1].addr, addr4([10, 1, 0, 1]));
     assert_eq!(st.backends[&b1].port, port(8080));
-    assert_eq!(st.rev_nat[&u32::from(v.rev_nat_id)].addr, addr4([172, 30, 0, 10]));
+    assert_eq!(
+        st.rev_nat[&u32::from(v.rev_nat_id)].addr,
+        addr4([172, 30, 0, 10])
+    );
     assert!(st.cluster_ips.contains(&addr4([172, 30, 0, 10])));
     assert_eq!(st.service_cidrs.len(), 1);
     assert_eq!(st.local_cidrs.len(), 1);
@@ -128,12 +131,20 @@ fn no_endpoints_reject_local_policy_drop() {
     assert_ne!(v.flags & svc_flags::REJECT_NO_ENDPOINTS, 0);
     let v = slot0(&st, "172.30.0.12", 80, 0);
     assert_eq!(v.count, 0);
-    assert_eq!(v.flags & svc_flags::REJECT_NO_ENDPOINTS, 0, "Local without local: drop");
+    assert_eq!(
+        v.flags & svc_flags::REJECT_NO_ENDPOINTS,
+        0,
+        "Local without local: drop"
+    );
 }
 
 #[test]
 fn nodeport_lb_local_policy_two_scopes_and_source_ranges() {
-    let mut s = svc("lb", "172.30.0.13", vec![ep("10.1.0.1", true), ep("10.1.0.2", false)]);
+    let mut s = svc(
+        "lb",
+        "172.30.0.13",
+        vec![ep("10.1.0.1", true), ep("10.1.0.2", false)],
+    );
     s.port.node_port = Some(30080);
     s.port.load_balancer_ips = vec![ip("1.2.3.4")];
     s.port.external_ips = vec![ip("5.6.7.8")];
@@ -145,10 +156,18 @@ fn nodeport_lb_local_policy_two_scopes_and_source_ranges() {
     let ext = slot0(&st, "192.168.0.2", 30080, scope::EXTERNAL);
     assert_eq!(ext.count, 1);
     assert_ne!(ext.flags & svc_flags::TWO_SCOPES, 0);
-    assert_eq!(ext.flags & svc_flags::MASQUERADE, 0, "eTP=Local keeps the client IP");
+    assert_eq!(
+        ext.flags & svc_flags::MASQUERADE,
+        0,
+        "eTP=Local keeps the client IP"
+    );
     assert_eq!(ext.affinity_timeout, 10800);
     assert_ne!(ext.flags & svc_flags::AFFINITY, 0);
-    assert_eq!(ext.flags & svc_flags::SOURCE_RANGES, 0, "ranges apply to LB IPs only");
+    assert_eq!(
+        ext.flags & svc_flags::SOURCE_RANGES,
+        0,
+        "ranges apply to LB IPs only"
+    );
     let int = slot0(&st, "192.168.0.2", 30080, scope::INTERNAL);
     assert_eq!(int.count, 2);
     let lb = slot0(&st, "1.2.3.4", 80, scope::EXTERNAL);
@@ -178,13 +197,22 @@ fn all_local_nodeports_skip_loopback() {
     s.port.node_port = Some(30081);
     let mut sn = snap(vec![s]);
     sn.network.node_port_ips = NodePortIps::AllLocal;
-    let local = [ip("127.0.0.1"), ip("192.168.0.2"), ip("10.99.0.1"), ip("fd00::1")];
+    let local = [
+        ip("127.0.0.1"),
+        ip("192.168.0.2"),
+        ip("10.99.0.1"),
+        ip("fd00::1"),
+    ];
     let st = desired(&sn, &local, &State4::default()).unwrap();
     assert!(st.services.contains_key(&key("192.168.0.2", 30081, 0, 0)));
     assert!(st.services.contains_key(&key("10.99.0.1", 30081, 0, 0)));
     assert!(!st.services.contains_key(&key("127.0.0.1", 30081, 0, 0)));
     let v = slot0(&st, "10.99.0.1", 30081, 0);
-    assert_ne!(v.flags & svc_flags::MASQUERADE, 0, "external traffic to Cluster policy");
+    assert_ne!(
+        v.flags & svc_flags::MASQUERADE,
+        0,
+        "external traffic to Cluster policy"
+    );
 }
 
 #[test]
@@ -195,20 +223,43 @@ fn ipv6_snapshot_is_refused() {
 }
 
 fn pos(ops: &[MapOp], f: impl Fn(&MapOp) -> bool) -> Vec<usize> {
-    ops.iter().enumerate().filter(|(_, o)| f(o)).map(|(i, _)| i).collect()
+    ops.iter()
+        .enumerate()
+        .filter(|(_, o)| f(o))
+        .map(|(i, _)| i)
+        .collect()
 }
 
 #[test]
 fn first_sync_writes_referenced_entries_before_slot_zero() {
-    let s = snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.1", true), ep("10.1.0.2", false)])]);
+    let s = snap(vec![svc(
+        "a",
+        "172.30.0.10",
+        vec![ep("10.1.0.1", true), ep("10.1.0.2", false)],
+    )]);
     let st = desired(&s, &[], &State4::default()).unwrap();
     let ops = diff(&State4::default(), &st);
-    let slot0 = pos(&ops, |o| matches!(o, MapOp::PutService(k, _) if k.backend_slot == 0));
-    let slots = pos(&ops, |o| matches!(o, MapOp::PutService(k, _) if k.backend_slot != 0));
+    let slot0 = pos(
+        &ops,
+        |o| matches!(o, MapOp::PutService(k, _) if k.backend_slot == 0),
+    );
+    let slots = pos(
+        &ops,
+        |o| matches!(o, MapOp::PutService(k, _) if k.backend_slot != 0),
+    );
     let backends = pos(&ops, |o| matches!(o, MapOp::PutBackend(..)));
     let revnat = pos(&ops, |o| matches!(o, MapOp::PutRevNat(..)));
-    assert_eq!((slot0.len(), slots.len(), backends.len(), revnat.len()), (1, 2, 2, 1));
-    assert!(backends.iter().chain(&slots).chain(&revnat).all(|i| *i < slot0[0]));
+    assert_eq!(
+        (slot0.len(), slots.len(), backends.len(), revnat.len()),
+        (1, 2, 2, 1)
+    );
+    assert!(
+        backends
+            .iter()
+            .chain(&slots)
+            .chain(&revnat)
+            .all(|i| *i < slot0[0])
+    );
     assert!(backends.iter().all(|b| slots.iter().all(|s| b < s)));
     // Applying the same state again changes nothing.
     assert!(diff(&st, &st).is_empty());
@@ -218,7 +269,11 @@ fn first_sync_writes_referenced_entries_before_slot_zero() {
 fn shrink_and_delete_break_after_make() {
     let old = desired(
         &snap(vec![
-            svc("a", "172.30.0.10", vec![ep("10.1.0.1", true), ep("10.1.0.2", false)]),
+            svc(
+                "a",
+                "172.30.0.10",
+                vec![ep("10.1.0.1", true), ep("10.1.0.2", false)],
+            ),
             svc("b", "172.30.0.20", vec![ep("10.1.0.3", true)]),
         ]),
         &[],
@@ -236,9 +291,18 @@ fn shrink_and_delete_break_after_make() {
     let id = |st: &State4| st.backend_ids[&(Ipv4Addr::new(10, 1, 0, 2), 8080, 6)];
     assert_eq!(id(&old), id(&new));
     let ops = diff(&old, &new);
-    let put0 = pos(&ops, |o| matches!(o, MapOp::PutService(k, _) if k.backend_slot == 0));
-    let del0 = pos(&ops, |o| matches!(o, MapOp::DelService(k) if k.backend_slot == 0));
-    let deln = pos(&ops, |o| matches!(o, MapOp::DelService(k) if k.backend_slot != 0));
+    let put0 = pos(
+        &ops,
+        |o| matches!(o, MapOp::PutService(k, _) if k.backend_slot == 0),
+    );
+    let del0 = pos(
+        &ops,
+        |o| matches!(o, MapOp::DelService(k) if k.backend_slot == 0),
+    );
+    let deln = pos(
+        &ops,
+        |o| matches!(o, MapOp::DelService(k) if k.backend_slot != 0),
+    );
     let delb = pos(&ops, |o| matches!(o, MapOp::DelBackend(..)));
     let delr = pos(&ops, |o| matches!(o, MapOp::DelRevNat(..)));
     let delc = pos(&ops, |o| matches!(o, MapOp::DelClusterIp(..)));

@@ -24,19 +24,19 @@ use aya_ebpf::{
         tcx_action_base::{TCX_DROP, TCX_NEXT},
     },
     helpers::{
-        bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail,
-        bpf_skb_load_bytes,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect, bpf_set_retval,
+        bpf_skb_change_tail, bpf_skb_load_bytes,
     },
-    macros::{classifier, map},
+    macros::{cgroup_sock_addr, classifier, map},
     maps::{
         HashMap, LruHashMap, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::TcContext,
+    programs::{SockAddrContext, TcContext},
 };
 use shunt_abi::{
     Affinity4Key, AffinityValue, Backend4, Counter, Ct4Key, Ct4Value, RevNat4, Service4Key,
-    Service4Value, SrcRange4, ct_dir, limits, scope, stat, svc_flags,
+    Service4Value, SockRevNat4Key, SrcRange4, ct_dir, limits, scope, stat, svc_flags,
 };
 
 #[map(name = "SHUNT_STATS")]
@@ -60,6 +60,9 @@ static CIP4: HashMap<u32, u32> = HashMap::with_max_entries(limits::CLUSTER_IPS, 
 static SCIDR4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
 #[map(name = "SHUNT_LCIDR4")]
 static LCIDR4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
+#[map(name = "SHUNT_SKRN4")]
+static SKRN4: LruHashMap<SockRevNat4Key, RevNat4> =
+    LruHashMap::with_max_entries(limits::SOCK_REVNAT, 0);
 
 const ETH_HLEN: usize = 14;
 const IP_OFF: usize = ETH_HLEN;
@@ -494,6 +497,149 @@ fn reject(ctx: &TcContext, p: &Pkt) -> Result<i32, ()> {
     }
     // SAFETY: plain helper; returns TC_ACT_REDIRECT (== TCX_REDIRECT) on success.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+// ---- Node-originated traffic: cgroup/sock_addr hooks (socket-level load balancing) ----
+//
+// Packets a node process sends never pass a tc ingress hook of ours, so the translation is
+// done where the socket picks its destination (connect(2), sendmsg(2) for unconnected UDP),
+// as Cilium's bpf_sock does; recvmsg/getpeername show the frontend again so the application
+// never sees the backend. Return 1 lets the syscall proceed, 0 fails it with the value set
+// by bpf_set_retval (default EPERM).
+
+const ECONNREFUSED: i32 = 111;
+const EPERM: i32 = 1;
+
+#[inline(always)]
+fn sock_proto(sa: &aya_ebpf::bindings::bpf_sock_addr) -> Option<u8> {
+    let p = sa.protocol as u8;
+    (p == IPPROTO_TCP || p == IPPROTO_UDP).then_some(p)
+}
+
+/// Fail the syscall with `errno` (connect4/sendmsg4 accept bpf_set_retval, kernel
+/// cgroup_current_func_proto).
+#[inline(always)]
+fn sock_fail(errno: i32) -> i32 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_set_retval(-errno) };
+    0
+}
+
+#[inline(always)]
+fn sock_forward(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(proto) = sock_proto(sa) else {
+        return 1;
+    };
+    let addr = sa.user_ip4;
+    let port = sa.user_port as u16;
+    let mut key = Service4Key {
+        addr,
+        dport: port,
+        proto,
+        scope: scope::EXTERNAL,
+        backend_slot: 0,
+        pad: 0,
+    };
+    let Some(svc) = SVC4.get_ptr(&key) else {
+        if CIP4.get_ptr(addr).is_some() {
+            return sock_fail(ECONNREFUSED);
+        }
+        if SCIDR4.get(Key::new(32, addr)).is_some() {
+            return sock_fail(EPERM);
+        }
+        return 1;
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let mut s = unsafe { *svc };
+    // The node is not "external": kube-proxy sends node-originated traffic to an eTP=Local
+    // service's external addresses to the cluster-wide endpoints (like pod traffic).
+    if s.flags & svc_flags::TWO_SCOPES != 0 {
+        key.scope = scope::INTERNAL;
+        if let Some(v) = SVC4.get_ptr(&key) {
+            // SAFETY: as above.
+            s = unsafe { *v };
+        }
+    }
+    if s.count == 0 {
+        return if s.flags & svc_flags::REJECT_NO_ENDPOINTS != 0 {
+            sock_fail(ECONNREFUSED)
+        } else {
+            // A socket hook cannot drop silently; EPERM is the nearest to "dropped".
+            sock_fail(EPERM)
+        };
+    }
+    key.backend_slot = (unsafe { bpf_get_prandom_u32() } % u32::from(s.count)) as u16 + 1;
+    let Some(slot) = SVC4.get_ptr(&key) else {
+        return sock_fail(EPERM);
+    };
+    // SAFETY: as above.
+    let Some(be) = BE4.get_ptr(unsafe { (*slot).backend_id }) else {
+        return sock_fail(EPERM);
+    };
+    // SAFETY: as above.
+    let be = unsafe { *be };
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let rk = SockRevNat4Key {
+        cookie,
+        addr: be.addr,
+        port: be.port,
+        pad: 0,
+    };
+    let rv = RevNat4 { addr, port, pad: 0 };
+    if SKRN4.insert(&rk, &rv, 0).is_err() {
+        return sock_fail(EPERM);
+    }
+    sa.user_ip4 = be.addr;
+    sa.user_port = u32::from(be.port);
+    count(stat::SOCK_XLATE, 0);
+    1
+}
+
+#[inline(always)]
+fn sock_reverse(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if sock_proto(sa).is_none() {
+        return 1;
+    }
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let rk = SockRevNat4Key {
+        cookie,
+        addr: sa.user_ip4,
+        port: sa.user_port as u16,
+        pad: 0,
+    };
+    if let Some(v) = SKRN4.get_ptr(&rk) {
+        // SAFETY: map value pointer valid for this program run.
+        let v = unsafe { *v };
+        sa.user_ip4 = v.addr;
+        sa.user_port = u32::from(v.port);
+    }
+    1
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
+    sock_forward(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn shunt_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock_forward(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn shunt_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock_reverse(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn shunt_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock_reverse(&ctx)
 }
 
 #[cfg(not(test))]

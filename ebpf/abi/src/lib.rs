@@ -27,8 +27,9 @@ pub mod names {
     pub const SERVICE_CIDR4: &str = "SHUNT_SCIDR4";
     pub const LOCAL_CIDR4: &str = "SHUNT_LCIDR4";
     pub const STATS: &str = "SHUNT_STATS";
+    pub const SOCK_REVNAT4: &str = "SHUNT_SKRN4";
     /// Every map the kernel object declares (pinned by name).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES4,
         BACKENDS4,
         REVNAT4,
@@ -39,6 +40,7 @@ pub mod names {
         SERVICE_CIDR4,
         LOCAL_CIDR4,
         STATS,
+        SOCK_REVNAT4,
     ];
 }
 
@@ -52,6 +54,7 @@ pub mod limits {
     pub const SRC_RANGES: u32 = 16_384;
     pub const CLUSTER_IPS: u32 = 65_536;
     pub const CIDRS: u32 = 256;
+    pub const SOCK_REVNAT: u32 = 262_144;
 }
 
 /// Per-CPU counter slots of the `SHUNT_STATS` array.
@@ -65,7 +68,9 @@ pub mod stat {
     pub const REJECT_INVALID_PORT: u32 = 6;
     pub const DROP_SOURCE_RANGE: u32 = 7;
     pub const ERRORS: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// connect4/sendmsg4 translations of node-originated traffic.
+    pub const SOCK_XLATE: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// `Service4Key::scope`.
@@ -220,6 +225,19 @@ pub struct Lpm4 {
 }
 const _: () = assert!(core::mem::size_of::<Lpm4>() == 8);
 
+/// Socket-level reverse NAT for node-originated traffic (cgroup connect4/sendmsg4 rewrote
+/// the destination; recvmsg4/getpeername4 must show the frontend again): keyed by the
+/// socket cookie and the backend the socket was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat4Key {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
+
 /// IPv6 twins: same shapes with 128-bit addresses as four u32 words in wire order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -308,6 +326,7 @@ mod user {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SrcRange4 {}
     unsafe impl aya::Pod for Lpm4 {}
+    unsafe impl aya::Pod for SockRevNat4Key {}
     unsafe impl aya::Pod for Service6Key {}
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for RevNat6 {}

@@ -11,8 +11,11 @@
 //! in the chain share the maps, and the second finds nothing to do on a packet the first
 //! already translated).
 //!
+//! Node-originated traffic is balanced at the socket (cgroup connect4/sendmsg4/recvmsg4/
+//! getpeername4 on `cgroup_root`), pinned as `cg_<program>` links.
+//!
 //! Not done yet (see the module docs of `plan::ebpf` and the issue note): IPv6, SCTP,
-//! masquerade/SNAT, node-originated traffic (cgroup connect4 & co.), following interfaces
+//! masquerade/SNAT, following interfaces
 //! that appear after start (veth hot-plug via netlink), UDP conntrack flushing on endpoint
 //! removal.
 use std::collections::BTreeSet;
@@ -22,7 +25,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use shunt_abi::{Backend4, RevNat4, Service4Key, Service4Value, SrcRange4, names};
 
@@ -35,6 +38,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sh
 
 /// Name of the tc program in the object.
 pub const TC_INGRESS: &str = "shunt_tc_ingress";
+/// The cgroup/sock_addr programs (node-originated traffic), in attach order.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "shunt_connect4",
+    "shunt_sendmsg4",
+    "shunt_recvmsg4",
+    "shunt_getpeername4",
+];
 
 /// bpffs' magic number (include/uapi/linux/magic.h BPF_FS_MAGIC).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -56,8 +66,9 @@ pub enum Interfaces {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EbpfOptions {
-    /// Cgroup (v2) for the node-originated-traffic programs. Not attached yet; kept so the
-    /// integrator's flag plumbing does not change when they are.
+    /// Cgroup (v2) whose processes get socket-level load balancing (connect4, sendmsg4,
+    /// recvmsg4, getpeername4): node-originated traffic to services. Empty: not attached.
+    /// On a node this is the cgroup2 root; tests pass a cgroup they create.
     pub cgroup_root: PathBuf,
     /// Directory on bpffs for shunt's pins (maps and links). Default /sys/fs/bpf/shunt.
     pub pin_dir: PathBuf,
@@ -67,7 +78,7 @@ pub struct EbpfOptions {
 impl Default for EbpfOptions {
     fn default() -> Self {
         EbpfOptions {
-            cgroup_root: PathBuf::from("/sys/fs/cgroup/unified"),
+            cgroup_root: PathBuf::new(),
             pin_dir: PathBuf::from("/sys/fs/bpf/shunt"),
             interfaces: Interfaces::AllAtStart,
         }
@@ -106,6 +117,15 @@ pub fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
         .map_err(|e| other(TC_INGRESS, e))?;
     prog.load()
         .map_err(|e| other(format!("verifier: {TC_INGRESS}"), e))?;
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| other(name, "missing from the object"))?
+            .try_into()
+            .map_err(|e| other(name, e))?;
+        prog.load()
+            .map_err(|e| other(format!("verifier: {name}"), e))?;
+    }
     Ok(ebpf)
 }
 
@@ -236,6 +256,27 @@ fn fs_magic(dir: &Path) -> Result<i64, DataplaneError> {
     Ok(unsafe { buf.assume_init() }.f_type as i64)
 }
 
+/// Pin a freshly attached link at `tmp`, then unpin (detach) the link of a previous run at
+/// `fin`, then move the new pin to `fin`: make-before-break across restarts.
+fn replace_link(link: FdLink, tmp: &Path, fin: &Path) -> Result<(), DataplaneError> {
+    let _ = std::fs::remove_file(tmp);
+    link.pin(tmp).map_err(|e| {
+        other(
+            format!("pinning a link at {}", tmp.display()),
+            std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string()),
+        )
+    })?;
+    if fin.exists() {
+        let old = PinnedLink::from_pin(fin)
+            .map_err(|e| other(format!("adopting {}", fin.display()), e))?;
+        drop(
+            old.unpin()
+                .map_err(|e| io(format!("unpinning {}", fin.display()), e))?,
+        );
+    }
+    std::fs::rename(tmp, fin).map_err(|e| io(format!("renaming {}", tmp.display()), e))
+}
+
 /// Loaded programs, adopted maps and the state last written.
 struct Loaded {
     ebpf: Ebpf,
@@ -311,26 +352,40 @@ impl EbpfDataplane {
                 .map_err(|e| other(ifname, e))?;
             let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
                 .map_err(|e| io(format!("interface {ifname}"), e.into()))?;
-            let final_pin = self.link_pin(ifindex, false);
-            let tmp = self.link_pin(ifindex, true);
-            let _ = std::fs::remove_file(&tmp);
-            link.pin(&tmp).map_err(|e| {
-                other(
-                    format!("pinning the link on {ifname} at {}", tmp.display()),
-                    std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string()),
-                )
-            })?;
-            // The old program (previous run) stays attached until the new one is in place.
-            if final_pin.exists() {
-                let old = PinnedLink::from_pin(&final_pin)
-                    .map_err(|e| other(format!("adopting {}", final_pin.display()), e))?;
-                drop(
-                    old.unpin()
-                        .map_err(|e| io(format!("unpinning {ifname}"), e))?,
-                );
+            replace_link(
+                link,
+                &self.link_pin(ifindex, true),
+                &self.link_pin(ifindex, false),
+            )?;
+        }
+        if !self.opts.cgroup_root.as_os_str().is_empty() {
+            let cg = &self.opts.cgroup_root;
+            let cgf = std::fs::File::open(cg)
+                .map_err(|e| io(format!("opening cgroup {}", cg.display()), e))?;
+            for name in SOCK_PROGRAMS {
+                let prog: &mut CgroupSockAddr = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| other(name, "missing"))?
+                    .try_into()
+                    .map_err(|e| other(name, e))?;
+                // aya attaches with bpf_link_create (kernel >= 5.7); a cgroup link takes no
+                // flags (cgroup_bpf_link_attach rejects any) and always coexists with other
+                // links, so the previous run's program stays attached next to the new one
+                // until replace_link unpins it. `Single` is the flag-less mode.
+                let id = prog
+                    .attach(&cgf, CgroupAttachMode::Single)
+                    .map_err(|e| other(format!("attaching {name} to {}", cg.display()), e))?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(|e| other(name, e))?
+                    .try_into()
+                    .map_err(|e| other(name, e))?;
+                replace_link(
+                    link,
+                    &self.opts.pin_dir.join(format!("cgnew_{name}")),
+                    &self.opts.pin_dir.join(format!("cg_{name}")),
+                )?;
             }
-            std::fs::rename(&tmp, &final_pin)
-                .map_err(|e| io(format!("renaming the link pin of {ifname}"), e))?;
         }
         Ok(Loaded { ebpf, state })
     }
@@ -400,7 +455,10 @@ impl Dataplane for EbpfDataplane {
             let name = ent.file_name().to_string_lossy().into_owned();
             // Only what we pin: our map names and our link pins. Removing a link's last pin
             // (no fd open any more) detaches it.
-            if names::ALL.contains(&name.as_str()) || name.starts_with("tcx") {
+            if names::ALL.contains(&name.as_str())
+                || name.starts_with("tcx")
+                || name.starts_with("cg")
+            {
                 std::fs::remove_file(ent.path())
                     .map_err(|e| io(format!("removing {}", ent.path().display()), e))?;
             }

@@ -30,6 +30,7 @@ fn sh(args: &[&str]) -> Result<String, String> {
 struct Lab {
     tag: String,
     bpffs: PathBuf,
+    cgroup: PathBuf,
     server: Option<Child>,
 }
 
@@ -42,6 +43,8 @@ impl Drop for Lab {
         for ns in ["c", "n", "b"] {
             let _ = sh(&["ip", "netns", "del", &format!("{}{ns}", self.tag)]);
         }
+        // The cgroup's processes have exited by now (each client runs to completion).
+        let _ = std::fs::remove_dir(&self.cgroup);
         let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir(&self.bpffs);
     }
@@ -63,11 +66,13 @@ fn setup() -> Result<Lab, String> {
     let tag = format!("shebpf{}", std::process::id() % 100_000);
     let bpffs = std::env::temp_dir().join(format!("{tag}-bpffs"));
     let lab = Lab {
+        cgroup: PathBuf::from(CGROUP2).join(format!("{tag}-cg")),
         tag,
         bpffs,
         server: None,
     };
     std::fs::create_dir_all(&lab.bpffs).map_err(|e| e.to_string())?;
+    std::fs::create_dir(&lab.cgroup).map_err(|e| format!("{}: {e}", lab.cgroup.display()))?;
     sh(&["mount", "-t", "bpf", "bpf", lab.bpffs.to_str().unwrap()])?;
     for n in ["c", "n", "b"] {
         sh(&["ip", "netns", "add", &lab.ns(n)])?;
@@ -123,6 +128,25 @@ fn connect(lab: &Lab, addr: &str) -> String {
         .to_string()
 }
 
+/// Where this machine mounts cgroup v2 (a child cgroup is created there, never the root used).
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+/// Connect from a process in the node netns that sits in the test cgroup: "<answer> <peer>".
+fn connect_from_node(lab: &Lab, addr: &str) -> String {
+    let prog = format!(
+        "import socket\ntry:\n  s=socket.create_connection(('{addr}',80),timeout=3)\n  print(s.recv(100).decode(), s.getpeername()[0])\nexcept Exception as e:\n  print(type(e).__name__)\n"
+    );
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\"",
+        lab.cgroup.display(),
+        lab.ns("n")
+    );
+    sh(&["sh", "-c", &script, &prog])
+        .unwrap_or_else(|e| e)
+        .trim()
+        .to_string()
+}
+
 fn sync(dp: &mut EbpfDataplane, s: &Snapshot) {
     dp.sync(SyncRequest {
         snapshots: std::slice::from_ref(s),
@@ -135,6 +159,10 @@ fn sync(dp: &mut EbpfDataplane, s: &Snapshot) {
 fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root for netns, bpffs and tcx");
+        return;
+    }
+    if !std::path::Path::new(CGROUP2).join("cgroup.procs").exists() {
+        eprintln!("skipped: no cgroup v2 at {CGROUP2}");
         return;
     }
     for tool in ["ip", "ethtool", "python3", "mount"] {
@@ -166,7 +194,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let opts = EbpfOptions {
-        cgroup_root: PathBuf::new(),
+        cgroup_root: lab.cgroup.clone(),
         pin_dir: lab.bpffs.join("shunt"),
         interfaces: Interfaces::Named(vec!["toc".into(), "tob".into()]),
     };
@@ -223,4 +251,8 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     });
     assert!(!opts.pin_dir.exists());
     assert_ne!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
+    assert_ne!(
+        connect_from_node(&lab, "172.30.0.10"),
+        "hello 10.1.1.1 172.30.0.10"
+    );
 }

@@ -177,15 +177,16 @@ fn verifier_accepts_tc_program_and_reports_size() {
     if !root() {
         return;
     }
-    let mut ebpf = load_object(None).expect("verifier accepts the program");
-    let prog: &mut SchedClassifier = ebpf.program_mut(TC_INGRESS).unwrap().try_into().unwrap();
-    let info = prog.info().unwrap();
-    let xlated = info.size_translated().unwrap_or(0) / 8;
-    eprintln!(
-        "{TC_INGRESS}: xlated {xlated} insns, verified {:?} insns",
-        info.verified_instruction_count()
-    );
-    assert!(xlated > 0);
+    let ebpf = load_object(None).expect("verifier accepts every program");
+    for name in std::iter::once(TC_INGRESS).chain(SOCK_PROGRAMS) {
+        let info = ebpf.program(name).unwrap().info().unwrap();
+        let xlated = info.size_translated().unwrap_or(0) / 8;
+        eprintln!(
+            "{name}: xlated {xlated} insns, verifier processed {:?} insns",
+            info.verified_instruction_count()
+        );
+        assert!(xlated > 0, "{name}");
+    }
 }
 
 #[test]

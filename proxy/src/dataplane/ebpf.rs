@@ -57,9 +57,10 @@ pub fn object() -> &'static [u8] {
 /// Which interfaces get the tc program.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Interfaces {
-    /// Every interface present at start except loopback (the uplink and pods' host-side
-    /// veths). Interfaces created later are not followed yet.
-    AllAtStart,
+    /// Every interface except loopback (the uplink and pods' host-side veths), re-scanned
+    /// at every sync: a veth created later is attached at the next sync (no netlink
+    /// subscription yet, so a new pod's traffic is translated from then on).
+    All,
     /// Exactly these.
     Named(Vec<String>),
 }
@@ -80,7 +81,7 @@ impl Default for EbpfOptions {
         EbpfOptions {
             cgroup_root: PathBuf::new(),
             pin_dir: PathBuf::from("/sys/fs/bpf/shunt"),
-            interfaces: Interfaces::AllAtStart,
+            interfaces: Interfaces::All,
         }
     }
 }
@@ -281,6 +282,8 @@ fn replace_link(link: FdLink, tmp: &Path, fin: &Path) -> Result<(), DataplaneErr
 struct Loaded {
     ebpf: Ebpf,
     state: State4,
+    /// ifindexes the tc program is attached to by this instance.
+    attached: BTreeSet<u32>,
 }
 
 /// The eBPF backend. Creating it touches nothing; the first `sync` loads and attaches.
@@ -312,7 +315,7 @@ impl EbpfDataplane {
     fn interfaces(&self) -> Result<Vec<String>, DataplaneError> {
         match &self.opts.interfaces {
             Interfaces::Named(v) => Ok(v.clone()),
-            Interfaces::AllAtStart => {
+            Interfaces::All => {
                 let all = nix::net::if_::if_nameindex()
                     .map_err(|e| io("listing interfaces", e.into()))?;
                 Ok(all
@@ -335,29 +338,6 @@ impl EbpfDataplane {
         }
         let mut ebpf = load_object(Some(dir))?;
         let state = read_state(&mut ebpf)?;
-        let ifaces = self.interfaces()?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(TC_INGRESS)
-            .ok_or_else(|| other(TC_INGRESS, "missing"))?
-            .try_into()
-            .map_err(|e| other(TC_INGRESS, e))?;
-        for ifname in &ifaces {
-            let id = prog
-                .attach(ifname, TcAttachType::Ingress)
-                .map_err(|e| other(format!("attaching {TC_INGRESS} to {ifname} ingress"), e))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|e| other(ifname, e))?
-                .try_into()
-                .map_err(|e| other(ifname, e))?;
-            let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())
-                .map_err(|e| io(format!("interface {ifname}"), e.into()))?;
-            replace_link(
-                link,
-                &self.link_pin(ifindex, true),
-                &self.link_pin(ifindex, false),
-            )?;
-        }
         if !self.opts.cgroup_root.as_os_str().is_empty() {
             let cg = &self.opts.cgroup_root;
             let cgf = std::fs::File::open(cg)
@@ -387,7 +367,70 @@ impl EbpfDataplane {
                 )?;
             }
         }
-        Ok(Loaded { ebpf, state })
+        let mut loaded = Loaded {
+            ebpf,
+            state,
+            attached: BTreeSet::new(),
+        };
+        self.attach_interfaces(&mut loaded)?;
+        Ok(loaded)
+    }
+
+    /// Attach the tc program to every wanted interface it is not attached to yet, and drop
+    /// link pins of interfaces that no longer exist (their links died with the device).
+    fn attach_interfaces(&self, l: &mut Loaded) -> Result<(), DataplaneError> {
+        let ifaces = self.interfaces()?;
+        let prog: &mut SchedClassifier = l
+            .ebpf
+            .program_mut(TC_INGRESS)
+            .ok_or_else(|| other(TC_INGRESS, "missing"))?
+            .try_into()
+            .map_err(|e| other(TC_INGRESS, e))?;
+        let mut present = BTreeSet::new();
+        for ifname in &ifaces {
+            let Ok(ifindex) = nix::net::if_::if_nametoindex(ifname.as_str()) else {
+                // Gone between listing and now (a pod being deleted); a Named interface
+                // that does not exist is an error.
+                if matches!(self.opts.interfaces, Interfaces::Named(_)) {
+                    return Err(other(format!("interface {ifname}"), "does not exist"));
+                }
+                continue;
+            };
+            present.insert(ifindex);
+            if l.attached.contains(&ifindex) {
+                continue;
+            }
+            let id = prog
+                .attach(ifname, TcAttachType::Ingress)
+                .map_err(|e| other(format!("attaching {TC_INGRESS} to {ifname} ingress"), e))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| other(ifname, e))?
+                .try_into()
+                .map_err(|e| other(ifname, e))?;
+            replace_link(
+                link,
+                &self.link_pin(ifindex, true),
+                &self.link_pin(ifindex, false),
+            )?;
+            l.attached.insert(ifindex);
+        }
+        l.attached.retain(|i| present.contains(i));
+        let dir = &self.opts.pin_dir;
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| io(format!("reading {}", dir.display()), e))?;
+        for ent in entries.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if let Some(idx) = name
+                .strip_prefix("tcx_")
+                .and_then(|i| i.parse::<u32>().ok())
+                && !present.contains(&idx)
+                && nix::net::if_::if_indextoname(idx).is_err()
+            {
+                let _ = std::fs::remove_file(ent.path());
+            }
+        }
+        Ok(())
     }
 
     fn local_addrs() -> Result<Vec<IpAddr>, DataplaneError> {
@@ -407,8 +450,13 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn sync(&mut self, request: SyncRequest<'_>) -> Result<SyncOutcome, DataplaneError> {
-        if self.loaded.is_none() {
-            self.loaded = Some(self.start()?);
+        match self.loaded.take() {
+            None => self.loaded = Some(self.start()?),
+            Some(mut l) => {
+                let res = self.attach_interfaces(&mut l);
+                self.loaded = Some(l);
+                res?;
+            }
         }
         let local = Self::local_addrs()?;
         let mut outcome = SyncOutcome {

@@ -40,7 +40,7 @@ impl Drop for Lab {
             let _ = s.kill();
             let _ = s.wait();
         }
-        for ns in ["c", "n", "b"] {
+        for ns in ["c", "n", "b", "d"] {
             let _ = sh(&["ip", "netns", "del", &format!("{}{ns}", self.tag)]);
         }
         // The cgroup's processes have exited by now (each client runs to completion).
@@ -117,12 +117,38 @@ fn in_node<T: Send>(lab: &Lab, f: impl FnOnce() -> T + Send) -> T {
 
 const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(16)\ns.settimeout(30)\nwhile True:\n  c,a=s.accept()\n  c.sendall(('hello '+a[0]).encode())\n  c.close()\n";
 
+/// A client netns `ns` behind node veth `dev`, addressed `<net>.9/24`, gateway `<net>.1`.
+fn add_client(lab: &Lab, ns: &str, dev: &str, net: &str) -> Result<(), String> {
+    let (full, node) = (lab.ns(ns), lab.ns("n"));
+    sh(&["ip", "netns", "add", &full])?;
+    sh(&[
+        "ip", "-n", &node, "link", "add", dev, "type", "veth", "peer", "eth0", "netns", &full,
+    ])?;
+    for (n, d, a) in [
+        ("n", dev, format!("{net}.1/24")),
+        (ns, "eth0", format!("{net}.9/24")),
+    ] {
+        lab.exec(n, &["ip", "addr", "add", &a, "dev", d])?;
+        lab.exec(n, &["ip", "link", "set", d, "up"])?;
+        lab.exec(n, &["ethtool", "-K", d, "tx", "off"])?;
+    }
+    lab.exec(
+        ns,
+        &["ip", "route", "add", "default", "via", &format!("{net}.1")],
+    )?;
+    Ok(())
+}
+
 /// Connect from the client netns; "hello <client ip>" or the error's name.
 fn connect(lab: &Lab, addr: &str) -> String {
+    connect_in(lab, "c", addr)
+}
+
+fn connect_in(lab: &Lab, ns: &str, addr: &str) -> String {
     let prog = format!(
         "import socket\ntry:\n  s=socket.create_connection(('{addr}',80),timeout=3)\n  print(s.recv(100).decode())\nexcept Exception as e:\n  print(type(e).__name__)\n"
     );
-    lab.exec("c", &["python3", "-c", &prog])
+    lab.exec(ns, &["python3", "-c", &prog])
         .unwrap_or_else(|e| e)
         .trim()
         .to_string()
@@ -196,7 +222,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     let opts = EbpfOptions {
         cgroup_root: lab.cgroup.clone(),
         pin_dir: lab.bpffs.join("shunt"),
-        interfaces: Interfaces::Named(vec!["toc".into(), "tob".into()]),
+        interfaces: Interfaces::All,
     };
     let s = snap(vec![
         svc(
@@ -241,7 +267,11 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         sync(&mut dp, &s);
         let st = read_state(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
         assert_eq!(st.services.len(), 3, "adopted maps hold exactly the plan");
+        // A pod appears after start: its veth is attached at the next sync.
+        add_client(&lab, "d", "tod", "10.1.2").expect("second client");
+        sync(&mut dp, &s);
     });
+    assert_eq!(connect_in(&lab, "d", "172.30.0.10"), "hello 10.1.2.9");
     assert_eq!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
 
     // --cleanup: pins removed, links gone, the ClusterIP leads nowhere again.

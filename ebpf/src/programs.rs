@@ -20,23 +20,25 @@
 //! scratch only for the packets this program builds itself.
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_SHOT,
+        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup as FibParams,
         tcx_action_base::{TCX_DROP, TCX_NEXT},
     },
     helpers::{
-        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect, bpf_set_retval,
-        bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_fib_lookup, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect,
+        bpf_redirect_neigh, bpf_set_retval, bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     macros::{cgroup_sock_addr, classifier, map},
     maps::{
-        HashMap, LruHashMap, PerCpuArray,
+        Array, HashMap, LruHashMap, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{SockAddrContext, TcContext},
 };
 use shunt_abi::{
-    Affinity4Key, AffinityValue, Backend4, Counter, Ct4Key, Ct4Value, RevNat4, Service4Key,
-    Service4Value, SockRevNat4Key, SrcRange4, ct_dir, limits, scope, stat, svc_flags,
+    Affinity4Key, AffinityValue, Backend4, Config4, Counter, Ct4Key, Ct4Value, RevNat4,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, Service4Key, Service4Value, SockRevNat4Key, SrcRange4, ct_dir,
+    ct_flags, limits, scope, stat, svc_flags,
 };
 
 #[map(name = "SHUNT_STATS")]
@@ -60,6 +62,8 @@ static CIP4: HashMap<u32, u32> = HashMap::with_max_entries(limits::CLUSTER_IPS, 
 static SCIDR4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
 #[map(name = "SHUNT_LCIDR4")]
 static LCIDR4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
+#[map(name = "SHUNT_CFG4")]
+static CFG4: Array<Config4> = Array::with_max_entries(1, 0);
 #[map(name = "SHUNT_SKRN4")]
 static SKRN4: LruHashMap<SockRevNat4Key, RevNat4> =
     LruHashMap::with_max_entries(limits::SOCK_REVNAT, 0);
@@ -71,6 +75,7 @@ const IP_SADDR_OFF: usize = IP_OFF + 12;
 const IP_DADDR_OFF: usize = IP_OFF + 16;
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 const IPPROTO_ICMP: u8 = 1;
+const AF_INET: u8 = 2;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
@@ -169,17 +174,32 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         let ct = unsafe { &mut *ct };
         ct.last_seen_ns = unsafe { bpf_ktime_get_ns() };
         if ct.dir == ct_dir::REPLY {
-            rewrite(ctx, &p, false, ct.nat_addr, ct.nat_port)?;
+            let (sa, sp, da, dp) = (ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port);
+            let redirect = ct.flags & ct_flags::REDIRECT != 0;
+            rewrite(ctx, &p, false, sa, sp)?;
             count(stat::REV_NAT, ctx.len());
+            if da != 0 {
+                // Masqueraded flow: the reply was addressed to the node; give it back to
+                // the client.
+                rewrite(ctx, &p, true, da, dp)?;
+            }
+            if redirect {
+                let dst = if da != 0 { da } else { p.daddr };
+                return Ok(forward(ctx, &p, sa, dst));
+            }
             return Ok(TCX_NEXT);
         }
         // FORWARD: keep the flow on its backend while that backend exists; if it was removed,
         // fall through and choose again (kube-proxy's conntrack entry would point at a dead
         // endpoint; choosing again is what a new connection would get).
         if BE4.get_ptr(ct.backend_id).is_some() {
-            let (addr, port) = (ct.nat_addr, ct.nat_port);
+            let (addr, port, sa, sp) = (ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port);
             rewrite(ctx, &p, true, addr, port)?;
             count(stat::DNAT, ctx.len());
+            if sa != 0 {
+                rewrite(ctx, &p, false, sa, sp)?;
+                return Ok(forward(ctx, &p, sa, addr));
+            }
             return Ok(TCX_NEXT);
         }
     }
@@ -280,20 +300,45 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         );
     }
 
+    // Masquerade (kube-proxy's mark-for-masquerade cases): every source with
+    // --masquerade-all; sources outside the cluster CIDR where the frontend says so; and
+    // hairpin (a pod reaching itself through the service), whose reply would otherwise never
+    // leave the pod.
+    let node_ip = CFG4.get(0).map_or(0, |c| c.node_ip);
+    let masq = node_ip != 0
+        && (s.flags & svc_flags::MASQUERADE_ALL != 0
+            || (s.flags & svc_flags::MASQUERADE != 0
+                && LCIDR4.get(Key::new(32, p.saddr)).is_none())
+            || p.saddr == be.addr);
+    let (snat_addr, snat_port) = if masq {
+        match snat_port(p.proto, node_ip, &be) {
+            Some(port) => (node_ip, port),
+            None => {
+                count(stat::ERRORS, ctx.len());
+                return Ok(TCX_DROP);
+            }
+        }
+    } else {
+        (0, 0)
+    };
+
     let fwd = Ct4Value {
         nat_addr: be.addr,
         nat_port: be.port,
         rev_nat_id: s.rev_nat_id,
         backend_id,
         dir: ct_dir::FORWARD,
-        pad: [0; 3],
+        flags: 0,
+        snat_port,
+        snat_addr,
+        pad2: 0,
         last_seen_ns: now,
     };
     let rev_key = Ct4Key {
         saddr: be.addr,
-        daddr: p.saddr,
+        daddr: if masq { snat_addr } else { p.saddr },
         sport: be.port,
-        dport: p.sport,
+        dport: if masq { snat_port } else { p.sport },
         proto: p.proto,
         pad: [0; 3],
     };
@@ -303,7 +348,14 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         rev_nat_id: s.rev_nat_id,
         backend_id,
         dir: ct_dir::REPLY,
-        pad: [0; 3],
+        flags: if masq || s.flags & svc_flags::NODE_ADDRESS != 0 {
+            ct_flags::REDIRECT
+        } else {
+            0
+        },
+        snat_port: if masq { p.sport } else { 0 },
+        snat_addr: if masq { p.saddr } else { 0 },
+        pad2: 0,
         last_seen_ns: now,
     };
     // Reply entry first: once the forward entry exists a reply may already be on its way.
@@ -313,7 +365,94 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     }
     rewrite(ctx, &p, true, be.addr, be.port)?;
     count(stat::DNAT, ctx.len());
+    if masq {
+        rewrite(ctx, &p, false, snat_addr, snat_port)?;
+        count(stat::SNAT, ctx.len());
+        return Ok(forward(ctx, &p, snat_addr, be.addr));
+    }
     Ok(TCX_NEXT)
+}
+
+/// A free masquerade source port towards `be` (wire order), or None after a bounded number
+/// of random probes: the port is free when no REPLY entry uses (be -> node_ip:port).
+#[inline(always)]
+fn snat_port(proto: u8, node_ip: u32, be: &Backend4) -> Option<u16> {
+    let span = u32::from(SNAT_PORT_MAX - SNAT_PORT_MIN) + 1;
+    let mut i = 0;
+    while i < 16 {
+        let port = (SNAT_PORT_MIN as u32 + unsafe { bpf_get_prandom_u32() } % span) as u16;
+        let k = Ct4Key {
+            saddr: be.addr,
+            daddr: node_ip,
+            sport: be.port,
+            dport: port.to_be(),
+            proto,
+            pad: [0; 3],
+        };
+        if CT4.get_ptr(&k).is_none() {
+            return Some(port.to_be());
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Send a masqueraded packet straight to its next hop. Its source is now a local address,
+/// which the kernel's input path would drop as martian (fib_validate_source without
+/// accept_local), so it must bypass it: bpf_fib_lookup finds the egress interface and MACs,
+/// TTL is decremented as forwarding would, and bpf_redirect/bpf_redirect_neigh (when the
+/// neighbour is not resolved yet) transmits it. Anything else is left to the stack.
+#[inline(always)]
+fn forward(ctx: &TcContext, p: &Pkt, src: u32, dst: u32) -> i32 {
+    // SAFETY: struct bpf_fib_lookup is plain data; zero is a valid value for every field.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = p.proto;
+    // SAFETY: the context pointer is valid for the program run.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    fib.__bindgen_anon_3.ipv4_src = src;
+    fib.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: helper with a properly sized parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    let ttl_proto: u16 = match ctx.load(IP_OFF + 8) {
+        Ok(v) => v,
+        Err(_) => return TC_ACT_SHOT,
+    };
+    let ttl = ttl_proto.to_ne_bytes()[0];
+    if ttl <= 1 {
+        return TC_ACT_SHOT;
+    }
+    let new = u16::from_ne_bytes([ttl - 1, ttl_proto.to_ne_bytes()[1]]);
+    if ctx
+        .l3_csum_replace(IP_CSUM_OFF, u64::from(ttl_proto), u64::from(new), 2)
+        .is_err()
+        || ctx.store(IP_OFF + 8, &new, 0).is_err()
+    {
+        return TC_ACT_SHOT;
+    }
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&fib.dmac);
+        macs[6..].copy_from_slice(&fib.smac);
+        if ctx.store(0, &macs, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+        // SAFETY: plain helper.
+        return unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
+    }
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        // SAFETY: plain helper; NULL params = resolve the neighbour of the packet's daddr.
+        return unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    }
+    count(stat::ERRORS, ctx.len());
+    TC_ACT_SHOT
 }
 
 /// No frontend matched: kube-proxy rejects a ClusterIP's unknown port and drops any other

@@ -28,8 +28,9 @@ pub mod names {
     pub const LOCAL_CIDR4: &str = "SHUNT_LCIDR4";
     pub const STATS: &str = "SHUNT_STATS";
     pub const SOCK_REVNAT4: &str = "SHUNT_SKRN4";
+    pub const CONFIG4: &str = "SHUNT_CFG4";
     /// Every map the kernel object declares (pinned by name).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES4,
         BACKENDS4,
         REVNAT4,
@@ -41,6 +42,7 @@ pub mod names {
         LOCAL_CIDR4,
         STATS,
         SOCK_REVNAT4,
+        CONFIG4,
     ];
 }
 
@@ -70,7 +72,8 @@ pub mod stat {
     pub const ERRORS: u32 = 8;
     /// connect4/sendmsg4 translations of node-originated traffic.
     pub const SOCK_XLATE: u32 = 9;
-    pub const COUNT: u32 = 10;
+    pub const SNAT: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// `Service4Key::scope`.
@@ -96,9 +99,14 @@ pub mod svc_flags {
     pub const SOURCE_RANGES: u16 = 1 << 3;
     /// The frontend is a ClusterIP (internal traffic).
     pub const CLUSTER_IP: u16 = 1 << 4;
-    /// kube-proxy would masquerade this traffic (external traffic to Cluster policy, or
-    /// masqueradeAll). Recorded for the SNAT stage; see the crate docs for its status.
+    /// Masquerade (SNAT to the node IP) sources outside the cluster CIDR: external traffic
+    /// to a Cluster policy, and off-cluster traffic to a ClusterIP when the cluster CIDR is
+    /// known (kube-proxy's `ip saddr != <clusterCIDR> jump mark-for-masquerade`).
     pub const MASQUERADE: u16 = 1 << 5;
+    /// Masquerade every source (--masquerade-all).
+    pub const MASQUERADE_ALL: u16 = 1 << 6;
+    /// The frontend address is a node address (NodePort): replies get it as their source.
+    pub const NODE_ADDRESS: u16 = 1 << 7;
 }
 
 /// Frontend key. `backend_slot` 0 is the service entry, 1..=count the backends.
@@ -161,6 +169,14 @@ pub struct Ct4Key {
 }
 const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
 
+/// `Ct4Value::flags`.
+pub mod ct_flags {
+    /// After translation the packet's source is a node address (a NodePort reply, or a
+    /// masqueraded flow): it must bypass the input path, which drops local sources as
+    /// martian, and is sent on with bpf_fib_lookup + bpf_redirect.
+    pub const REDIRECT: u8 = 1;
+}
+
 /// `Ct4Value::dir`.
 pub mod ct_dir {
     /// Client -> frontend: rewrite the destination to `nat_addr:nat_port` (the backend).
@@ -169,6 +185,9 @@ pub mod ct_dir {
     pub const REPLY: u8 = 2;
 }
 
+/// FORWARD: `nat_*` is the backend (new destination), `snat_*` the masquerade source (0 =
+/// none). REPLY: `nat_*` is the frontend (new source), `snat_*` the original client (new
+/// destination; 0 = destination unchanged).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Ct4Value {
@@ -177,11 +196,30 @@ pub struct Ct4Value {
     pub rev_nat_id: u16,
     pub backend_id: u32,
     pub dir: u8,
-    pub pad: [u8; 3],
+    /// `ct_flags::*`.
+    pub flags: u8,
+    pub snat_port: u16,
+    pub snat_addr: u32,
+    pub pad2: u32,
     /// bpf_ktime_get_ns() of the last packet.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<Ct4Value>() == 24);
+const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
+
+/// Node-wide settings (array map, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config4 {
+    /// Masquerade source address (the node's primary IPv4); 0 disables masquerading.
+    pub node_ip: u32,
+    pub pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Config4>() == 8);
+
+/// Source ports used for masquerading: above Linux's default ephemeral range
+/// (net.ipv4.ip_local_port_range 32768-60999) so that node sockets do not collide.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// ClientIP affinity: (client, service) -> backend.
 #[repr(C)]
@@ -327,6 +365,7 @@ mod user {
     unsafe impl aya::Pod for SrcRange4 {}
     unsafe impl aya::Pod for Lpm4 {}
     unsafe impl aya::Pod for SockRevNat4Key {}
+    unsafe impl aya::Pod for Config4 {}
     unsafe impl aya::Pod for Service6Key {}
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for RevNat6 {}

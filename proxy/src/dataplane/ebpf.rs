@@ -27,7 +27,7 @@ use aya::maps::{HashMap, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use shunt_abi::{Backend4, RevNat4, Service4Key, Service4Value, SrcRange4, names};
+use shunt_abi::{Backend4, Config4, RevNat4, Service4Key, Service4Value, SrcRange4, names};
 
 use super::{Dataplane, DataplaneError, SyncOutcome, SyncRequest};
 use crate::model::IpFamily;
@@ -161,6 +161,11 @@ fn trie_name(t: Trie) -> &'static str {
 pub fn apply_ops(ebpf: &mut Ebpf, ops: &[MapOp]) -> Result<(), DataplaneError> {
     for op in ops {
         let res = match op {
+            MapOp::SetConfig(c) => {
+                aya::maps::Array::<_, Config4>::try_from(map_mut(ebpf, names::CONFIG4)?)
+                    .map_err(|e| other(names::CONFIG4, e))?
+                    .set(0, c, 0)
+            }
             MapOp::PutBackend(id, b) => {
                 hash::<u32, Backend4>(ebpf, names::BACKENDS4)?.insert(id, b, 0)
             }
@@ -197,6 +202,11 @@ pub fn apply_ops(ebpf: &mut Ebpf, ops: &[MapOp]) -> Result<(), DataplaneError> {
 pub fn read_state(ebpf: &mut Ebpf) -> Result<State4, DataplaneError> {
     let mut st = State4::default();
     let rd = |n: &str, e: aya::maps::MapError| other(format!("reading {n}"), e);
+    st.node_ip = aya::maps::Array::<_, Config4>::try_from(map_mut(ebpf, names::CONFIG4)?)
+        .map_err(|e| other(names::CONFIG4, e))?
+        .get(&0, 0)
+        .map_err(|e| rd(names::CONFIG4, e))?
+        .node_ip;
     for kv in hash::<Service4Key, Service4Value>(ebpf, names::SERVICES4)?.iter() {
         let (k, v) = kv.map_err(|e| rd(names::SERVICES4, e))?;
         st.services.insert(k, v);

@@ -40,7 +40,7 @@ impl Drop for Lab {
             let _ = s.kill();
             let _ = s.wait();
         }
-        for ns in ["c", "n", "b", "d"] {
+        for ns in ["c", "n", "b", "d", "e"] {
             let _ = sh(&["ip", "netns", "del", &format!("{}{ns}", self.tag)]);
         }
         // The cgroup's processes have exited by now (each client runs to completion).
@@ -145,8 +145,12 @@ fn connect(lab: &Lab, addr: &str) -> String {
 }
 
 fn connect_in(lab: &Lab, ns: &str, addr: &str) -> String {
+    connect_port(lab, ns, addr, 80)
+}
+
+fn connect_port(lab: &Lab, ns: &str, addr: &str, port: u16) -> String {
     let prog = format!(
-        "import socket\ntry:\n  s=socket.create_connection(('{addr}',80),timeout=3)\n  print(s.recv(100).decode())\nexcept Exception as e:\n  print(type(e).__name__)\n"
+        "import socket\ntry:\n  s=socket.create_connection(('{addr}',{port}),timeout=3)\n  print(s.recv(100).decode())\nexcept Exception as e:\n  print(type(e).__name__)\n"
     );
     lab.exec(ns, &["python3", "-c", &prog])
         .unwrap_or_else(|e| e)
@@ -224,18 +228,13 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         pin_dir: lab.bpffs.join("shunt"),
         interfaces: Interfaces::All,
     };
-    let s = snap(vec![
-        svc(
-            "web",
-            "172.30.0.10",
-            vec![{
-                let mut e = ep("10.1.1.2", false);
-                e.port = 8080;
-                e
-            }],
-        ),
-        svc("empty", "172.30.0.11", vec![]),
-    ]);
+    let mut web = svc("web", "172.30.0.10", vec![ep("10.1.1.2", false)]);
+    web.port.node_port = Some(30080);
+    let mut s = snap(vec![web, svc("empty", "172.30.0.11", vec![])]);
+    // The node's address towards the clients is its primary IP and NodePort address.
+    s.network.primary_ip = Some("10.1.0.1".parse().unwrap());
+    s.network.node_port_ips =
+        crate::model::NodePortIps::Addresses(vec!["10.1.0.1".parse().unwrap()]);
 
     // Without shunt the ClusterIP leads nowhere.
     assert_ne!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
@@ -266,12 +265,40 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
         sync(&mut dp, &s);
         let st = read_state(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
-        assert_eq!(st.services.len(), 3, "adopted maps hold exactly the plan");
+        assert_eq!(st.services.len(), 5, "adopted maps hold exactly the plan");
         // A pod appears after start: its veth is attached at the next sync.
         add_client(&lab, "d", "tod", "10.1.2").expect("second client");
         sync(&mut dp, &s);
     });
     assert_eq!(connect_in(&lab, "d", "172.30.0.10"), "hello 10.1.2.9");
+
+    // An off-cluster client (outside 10.0.0.0/8) on the NodePort of a Cluster-policy
+    // service: masqueraded to the node IP, so the backend answers the node, whose reply
+    // translation hands the answer back to the client.
+    in_node(&lab, || {
+        add_client(&lab, "e", "toe", "172.16.5").expect("outside client")
+    });
+    let mut dp = in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        sync(&mut dp, &s);
+        dp
+    });
+    let got = connect_port(&lab, "e", "10.1.0.1", 30080);
+    let stats: aya::maps::PerCpuArray<_, shunt_abi::Counter> = aya::maps::PerCpuArray::try_from(
+        dp.loaded
+            .as_mut()
+            .unwrap()
+            .ebpf
+            .map(shunt_abi::names::STATS)
+            .unwrap(),
+    )
+    .unwrap();
+    let sums: Vec<u64> = (0..shunt_abi::stat::COUNT)
+        .map(|i| stats.get(&i, 0).unwrap().iter().map(|c| c.packets).sum())
+        .collect();
+    assert_eq!(got, "hello 10.1.0.1", "stats {sums:?}");
+    // A pod client on the same NodePort keeps its address.
+    assert_eq!(connect_port(&lab, "c", "10.1.0.1", 30080), "hello 10.1.0.9");
     assert_eq!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
 
     // --cleanup: pins removed, links gone, the ClusterIP leads nowhere again.

@@ -30,10 +30,14 @@ fn root() -> bool {
     true
 }
 
-/// Load the object privately (no pins) and write the plan for `s`.
+/// Load the object privately (no pins) and write the plan for `s`. No node IP is
+/// configured, so nothing is masqueraded: masquerading ends in a FIB lookup in the caller's
+/// network namespace, which the netns test exercises instead.
 fn setup(s: &Snapshot) -> Ebpf {
     let mut ebpf = load_object(None).expect("load + verify");
-    let st = desired(s, &[], &State4::default()).expect("plan");
+    let mut s = s.clone();
+    s.network.primary_ip = None;
+    let st = desired(&s, &[], &State4::default()).expect("plan");
     apply_ops(&mut ebpf, &diff(&State4::default(), &st)).expect("apply");
     ebpf
 }
@@ -428,6 +432,9 @@ fn established_flow_keeps_backend_until_it_is_removed() {
         return;
     }
     let first = snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.1", false)])]);
+    assert!(desired(&first, &[], &State4::default()).unwrap().node_ip != 0);
+    let mut first = first;
+    first.network.primary_ip = None;
     let mut ebpf = load_object(None).unwrap();
     let st1 = desired(&first, &[], &State4::default()).unwrap();
     apply_ops(&mut ebpf, &diff(&State4::default(), &st1)).unwrap();
@@ -435,11 +442,12 @@ fn established_flow_keeps_backend_until_it_is_removed() {
     assert_eq!(daddr(&run(&mut ebpf, &syn).1), [10, 1, 0, 1]);
 
     // A second endpoint appears: the flow stays where it is.
-    let second = snap(vec![svc(
+    let mut second = snap(vec![svc(
         "a",
         "172.30.0.10",
         vec![ep("10.1.0.1", false), ep("10.1.0.2", false)],
     )]);
+    second.network.primary_ip = None;
     let st2 = desired(&second, &[], &st1).unwrap();
     apply_ops(&mut ebpf, &diff(&st1, &st2)).unwrap();
     let ack = packet(TCP, CLIENT, 40000, VIP, 80, ACK);
@@ -447,7 +455,8 @@ fn established_flow_keeps_backend_until_it_is_removed() {
         assert_eq!(daddr(&run(&mut ebpf, &ack).1), [10, 1, 0, 1]);
     }
     // Its endpoint goes away: the flow is sent to the remaining one.
-    let third = snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.2", false)])]);
+    let mut third = snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.2", false)])]);
+    third.network.primary_ip = None;
     let st3 = desired(&third, &[], &st2).unwrap();
     apply_ops(&mut ebpf, &diff(&st2, &st3)).unwrap();
     assert_eq!(read_state(&mut ebpf).unwrap(), st3, "kernel maps == plan");

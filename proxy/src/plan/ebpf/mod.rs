@@ -26,8 +26,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use shunt_abi::{
-    Backend4, Lpm4, RevNat4, Service4Key, Service4Value, SrcRange4, addr4, limits, port, scope,
-    svc_flags,
+    Backend4, Config4, Lpm4, RevNat4, Service4Key, Service4Value, SrcRange4, addr4, limits, port,
+    scope, svc_flags,
 };
 
 use crate::model::{Endpoint, IpFamily, LocalDetector, NodePortIps, ServicePortState, Snapshot};
@@ -66,6 +66,8 @@ pub struct State4 {
     pub cluster_ips: BTreeSet<u32>,
     pub service_cidrs: BTreeSet<Lpm4Ord>,
     pub local_cidrs: BTreeSet<Lpm4Ord>,
+    /// Masquerade source (primary node IPv4, wire order); 0 = none known, no masquerading.
+    pub node_ip: u32,
     pub backend_ids: BTreeMap<BackendAddr, u32>,
     pub rev_nat_ids: BTreeMap<FrontendAddr, u32>,
 }
@@ -113,6 +115,8 @@ pub enum Trie {
 /// One map write, in the order it must be applied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
+    /// Node-wide settings (`SHUNT_CFG4[0]`): the masquerade address.
+    SetConfig(Config4),
     PutBackend(u32, Backend4),
     PutRevNat(u32, RevNat4),
     PutSrcRange(u32, SrcRange4Ord),
@@ -172,7 +176,15 @@ pub fn desired(
     if snap.network.family == IpFamily::V6 {
         return Err(PlanError::Ipv6);
     }
-    let mut st = State4::default();
+    let mut st = State4 {
+        node_ip: snap
+            .network
+            .primary_ip
+            .as_ref()
+            .and_then(v4)
+            .map_or(0, |a| addr4(a.octets())),
+        ..Default::default()
+    };
     for c in &snap.network.service_cidrs {
         st.service_cidrs.extend(lpm(c));
     }
@@ -265,6 +277,9 @@ pub fn desired(
         let proto = sp.name.protocol.number();
         let reject = !sps.has_any_endpoints;
         let mut base = 0u16;
+        if snap.network.masquerade_all {
+            base |= svc_flags::MASQUERADE_ALL;
+        }
         if sp.affinity_timeout_seconds.is_some() {
             base |= svc_flags::AFFINITY;
         }
@@ -276,7 +291,9 @@ pub fn desired(
         if let Some(cip) = v4(&sp.cluster_ip) {
             st.cluster_ips.insert(addr4(cip.octets()));
             let mut flags = base | svc_flags::CLUSTER_IP;
-            if snap.network.masquerade_all {
+            // Off-cluster sources to a ClusterIP are masqueraded only when the cluster CIDR
+            // tells them apart (kube-proxy: `ip saddr != <clusterCIDR>`).
+            if matches!(snap.network.local_detector, LocalDetector::ClusterCidr(_)) {
                 flags |= svc_flags::MASQUERADE;
             }
             let id = st.rev_nat_ids[&(cip, sp.port, proto)] as u16;
@@ -299,7 +316,13 @@ pub fn desired(
         for (a, p, is_lb) in external {
             let id = st.rev_nat_ids[&(a, p, proto)] as u16;
             let mut flags = base;
-            if !sp.external_policy_local || snap.network.masquerade_all {
+            // Replies from a NodePort carry a node address as source after reverse NAT.
+            if Some(p) == sp.node_port && node_port_ips.contains(&a) {
+                flags |= svc_flags::NODE_ADDRESS;
+            }
+            // External traffic to a Cluster policy is masqueraded (unless it comes from a
+            // pod); eTP=Local keeps the client address.
+            if !sp.external_policy_local {
                 flags |= svc_flags::MASQUERADE;
             }
             let ranges: Vec<Lpm4Ord> = if is_lb {
@@ -452,6 +475,12 @@ fn check(st: &State4) -> Result<(), PlanError> {
 /// Entries whose value is unchanged are not rewritten.
 pub fn diff(old: &State4, new: &State4) -> Vec<MapOp> {
     let mut ops = Vec::new();
+    if old.node_ip != new.node_ip {
+        ops.push(MapOp::SetConfig(Config4 {
+            node_ip: new.node_ip,
+            pad: 0,
+        }));
+    }
     for (id, b) in &new.backends {
         if old.backends.get(id) != Some(b) {
             ops.push(MapOp::PutBackend(*id, *b));

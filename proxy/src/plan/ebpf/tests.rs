@@ -104,7 +104,8 @@ fn cluster_ip_with_two_endpoints() {
     let st = desired(&s, &[], &State4::default()).unwrap();
     let v = slot0(&st, "172.30.0.10", 80, scope::EXTERNAL);
     assert_eq!(v.count, 2);
-    assert_eq!(v.flags, svc_flags::CLUSTER_IP);
+    assert_eq!(v.flags, svc_flags::CLUSTER_IP | svc_flags::MASQUERADE);
+    assert_eq!(st.node_ip, addr4([192, 168, 0, 2]));
     let b1 = st.services[&key("172.30.0.10", 80, 0, 1)].backend_id;
     let b2 = st.services[&key("172.30.0.10", 80, 0, 2)].backend_id;
     assert_ne!(b1, b2);
@@ -326,6 +327,7 @@ fn ids_survive_a_readback() {
     let sn = snap(vec![s]);
     let st = desired(&sn, &[], &State4::default()).unwrap();
     let mut back = State4 {
+        node_ip: st.node_ip,
         services: st.services.clone(),
         backends: st.backends.clone(),
         rev_nat: st.rev_nat.clone(),

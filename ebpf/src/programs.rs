@@ -192,7 +192,14 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         // FORWARD: keep the flow on its backend while that backend exists; if it was removed,
         // fall through and choose again (kube-proxy's conntrack entry would point at a dead
         // endpoint; choosing again is what a new connection would get).
-        if BE4.get_ptr(ct.backend_id).is_some() {
+        // Ids are reused after a backend is removed, so the id must still name the same
+        // address and port.
+        let same = match BE4.get_ptr(ct.backend_id) {
+            // SAFETY: map value pointer valid for this program run.
+            Some(b) => unsafe { (*b).addr == ct.nat_addr && (*b).port == ct.nat_port },
+            None => false,
+        };
+        if same {
             let (addr, port, sa, sp) = (ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port);
             rewrite(ctx, &p, true, addr, port)?;
             count(stat::DNAT, ctx.len());

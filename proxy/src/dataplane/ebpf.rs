@@ -27,11 +27,16 @@ use aya::maps::{HashMap, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use shunt_abi::{Backend4, Config4, RevNat4, Service4Key, Service4Value, SrcRange4, names};
+use shunt_abi::{
+    Affinity4Key, AffinityValue, Backend4, Config4, Ct4Key, Ct4Value, RevNat4, Service4Key,
+    Service4Value, SrcRange4, names,
+};
 
 use super::{Dataplane, DataplaneError, SyncOutcome, SyncRequest};
 use crate::model::IpFamily;
-use crate::plan::ebpf::{Lpm4Ord, MapOp, SrcRange4Ord, State4, Trie, desired, diff, ids_from_maps};
+use crate::plan::ebpf::{
+    Lpm4Ord, MapOp, SrcRange4Ord, State4, Trie, desired, diff, ids_from_maps, valid_pairs,
+};
 
 /// The kernel object built by `build.rs` (aya-build) for the bpf target.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt"));
@@ -196,6 +201,42 @@ pub fn apply_ops(ebpf: &mut Ebpf, ops: &[MapOp]) -> Result<(), DataplaneError> {
         res.map_err(|e| other(format!("map write {op:?}"), e))?;
     }
     Ok(())
+}
+
+/// Delete kernel-owned entries naming a (service, backend) pair that is gone: affinity
+/// entries of any protocol, and UDP conntrack entries (both directions), as kube-proxy
+/// clears UDP conntrack for removed endpoints. TCP flows are left to fail or finish, as with
+/// kube-proxy; the program re-selects when their backend id no longer names their backend.
+/// Returns the number of conntrack entries deleted.
+pub fn purge_stale(ebpf: &mut Ebpf, valid: &BTreeSet<(u16, u32)>) -> Result<u64, DataplaneError> {
+    let rd = |n: &str, e: aya::maps::MapError| other(format!("reading {n}"), e);
+    let mut aff = hash::<Affinity4Key, AffinityValue>(ebpf, names::AFFINITY4)?;
+    let mut stale = Vec::new();
+    for kv in aff.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::AFFINITY4, e))?;
+        if !valid.contains(&(k.rev_nat_id, v.backend_id)) {
+            stale.push(k);
+        }
+    }
+    for k in &stale {
+        // An LRU entry may have been evicted meanwhile; that is the goal anyway.
+        let _ = aff.remove(k);
+    }
+    let mut ct = hash::<Ct4Key, Ct4Value>(ebpf, names::CT4)?;
+    let mut stale = Vec::new();
+    for kv in ct.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::CT4, e))?;
+        if k.proto == 17 && !valid.contains(&(v.rev_nat_id, v.backend_id)) {
+            stale.push(k);
+        }
+    }
+    let mut deleted = 0;
+    for k in &stale {
+        if ct.remove(k).is_ok() {
+            deleted += 1;
+        }
+    }
+    Ok(deleted)
 }
 
 /// Read the userspace-owned maps back (after adopting pins, or after a failed write).
@@ -490,6 +531,12 @@ impl Dataplane for EbpfDataplane {
                 // Re-base on what the kernel holds, so the next sync diffs correctly.
                 l.state = read_state(&mut l.ebpf)?;
                 return Err(e);
+            }
+            if ops
+                .iter()
+                .any(|o| matches!(o, MapOp::PutService(..) | MapOp::DelService(_)))
+            {
+                outcome.conntrack_deleted += purge_stale(&mut l.ebpf, &valid_pairs(&want))?;
             }
             outcome.rules_total = vec![
                 ("services4".into(), want.services.len() as u64),

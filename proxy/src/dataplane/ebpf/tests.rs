@@ -465,3 +465,52 @@ fn established_flow_keeps_backend_until_it_is_removed() {
     assert_eq!(daddr(&out), [10, 1, 0, 2]);
     assert_checksums(&out);
 }
+
+#[test]
+fn removed_endpoint_loses_udp_flows_and_affinity() {
+    if !root() {
+        return;
+    }
+    let two = vec![ep("10.1.0.1", false), ep("10.1.0.2", false)];
+    let mut u = svc("u", "172.30.0.10", two);
+    u.port.name.protocol = crate::model::Protocol::Udp;
+    u.port.affinity_timeout_seconds = Some(10800);
+    let mut first = snap(vec![u.clone()]);
+    first.network.primary_ip = None;
+    let mut ebpf = load_object(None).unwrap();
+    let st1 = desired(&first, &[], &State4::default()).unwrap();
+    apply_ops(&mut ebpf, &diff(&State4::default(), &st1)).unwrap();
+    let (rc, out) = run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
+    assert_eq!(rc, TCX_NEXT);
+    let chosen = daddr(&out);
+    // Nothing stale while both endpoints exist.
+    assert_eq!(purge_stale(&mut ebpf, &valid_pairs(&st1)).unwrap(), 0);
+
+    // The chosen endpoint leaves the service.
+    let keep = if chosen == [10, 1, 0, 1] {
+        "10.1.0.2"
+    } else {
+        "10.1.0.1"
+    };
+    u.endpoints = vec![ep(keep, false)];
+    u.cluster_endpoints = u.endpoints.clone();
+    let mut second = snap(vec![u]);
+    second.network.primary_ip = None;
+    let st2 = desired(&second, &[], &st1).unwrap();
+    apply_ops(&mut ebpf, &diff(&st1, &st2)).unwrap();
+    assert_eq!(
+        purge_stale(&mut ebpf, &valid_pairs(&st2)).unwrap(),
+        2,
+        "both directions"
+    );
+    let aff: HashMap<_, shunt_abi::Affinity4Key, shunt_abi::AffinityValue> =
+        HashMap::try_from(ebpf.map(names::AFFINITY4).unwrap()).unwrap();
+    assert_eq!(aff.keys().count(), 0);
+    let (rc, out) = run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(
+        daddr(&out),
+        keep.parse::<std::net::Ipv4Addr>().unwrap().octets()
+    );
+    assert_checksums(&out);
+}

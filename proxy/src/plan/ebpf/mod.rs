@@ -560,6 +560,26 @@ pub fn diff(old: &State4, new: &State4) -> Vec<MapOp> {
     ops
 }
 
+/// Every (reverse-NAT id, backend id) pair a service may use in `st`. Kernel-owned state
+/// naming any other pair is stale: an affinity entry for a backend that left the service,
+/// or a UDP flow to a removed endpoint (kube-proxy deletes those conntrack entries so that
+/// clients switch to a live endpoint).
+pub fn valid_pairs(st: &State4) -> BTreeSet<(u16, u32)> {
+    let mut out = BTreeSet::new();
+    for (k, v) in st.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+        for slot in 1..=v.count {
+            let sk = Service4Key {
+                backend_slot: slot,
+                ..*k
+            };
+            if let Some(b) = st.services.get(&sk) {
+                out.insert((v.rev_nat_id, b.backend_id));
+            }
+        }
+    }
+    out
+}
+
 /// Rebuild the id allocations from map content read back from the kernel (adopted pins
 /// after a restart), so that the next [`desired`] keeps the ids live flows refer to.
 pub fn ids_from_maps(st: &mut State4) {

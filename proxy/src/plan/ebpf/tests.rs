@@ -339,3 +339,28 @@ fn ids_survive_a_readback() {
     let again = desired(&sn, &[], &back).unwrap();
     assert_eq!(again, st);
 }
+
+#[test]
+fn valid_pairs_follow_the_slots() {
+    let old = desired(
+        &snap(vec![svc(
+            "a",
+            "172.30.0.10",
+            vec![ep("10.1.0.1", true), ep("10.1.0.2", false)],
+        )]),
+        &[],
+        &State4::default(),
+    )
+    .unwrap();
+    let new = desired(
+        &snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.2", false)])]),
+        &[],
+        &old,
+    )
+    .unwrap();
+    let rid = slot0(&old, "172.30.0.10", 80, 0).rev_nat_id;
+    let b1 = old.backend_ids[&(Ipv4Addr::new(10, 1, 0, 1), 8080, 6)];
+    let b2 = old.backend_ids[&(Ipv4Addr::new(10, 1, 0, 2), 8080, 6)];
+    assert_eq!(valid_pairs(&old), BTreeSet::from([(rid, b1), (rid, b2)]));
+    assert_eq!(valid_pairs(&new), BTreeSet::from([(rid, b2)]));
+}

@@ -31,12 +31,12 @@ struct Lab {
     tag: String,
     bpffs: PathBuf,
     cgroup: PathBuf,
-    server: Option<Child>,
+    servers: Vec<Child>,
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if let Some(mut s) = self.server.take() {
+        for s in &mut self.servers {
             let _ = s.kill();
             let _ = s.wait();
         }
@@ -69,7 +69,7 @@ fn setup() -> Result<Lab, String> {
         cgroup: PathBuf::from(CGROUP2).join(format!("{tag}-cg")),
         tag,
         bpffs,
-        server: None,
+        servers: Vec::new(),
     };
     std::fs::create_dir_all(&lab.bpffs).map_err(|e| e.to_string())?;
     std::fs::create_dir(&lab.cgroup).map_err(|e| format!("{}: {e}", lab.cgroup.display()))?;
@@ -139,6 +139,30 @@ fn add_client(lab: &Lab, ns: &str, dev: &str, net: &str) -> Result<(), String> {
     Ok(())
 }
 
+const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',8080))\ns.settimeout(30)\nwhile True:\n  d,a=s.recvfrom(100)\n  s.sendto(('echo '+a[0]).encode(),a)\n";
+
+/// One UDP exchange with `addr`:80 (unconnected socket): "<answer> <answer's source>".
+const UDP_CLIENT: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ntry:\n  s.sendto(b'hi',(sys.argv[1],80))\n  d,a=s.recvfrom(100)\n  print(d.decode(),a[0])\nexcept Exception as e:\n  print(type(e).__name__)\n";
+
+fn udp_in(lab: &Lab, ns: &str, addr: &str) -> String {
+    lab.exec(ns, &["python3", "-c", UDP_CLIENT, addr])
+        .unwrap_or_else(|e| e)
+        .trim()
+        .to_string()
+}
+
+fn udp_from_node(lab: &Lab, addr: &str) -> String {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\" {addr}",
+        lab.cgroup.display(),
+        lab.ns("n")
+    );
+    sh(&["sh", "-c", &script, UDP_CLIENT])
+        .unwrap_or_else(|e| e)
+        .trim()
+        .to_string()
+}
+
 /// Connect from the client netns; "hello <client ip>" or the error's name.
 fn connect(lab: &Lab, addr: &str) -> String {
     connect_in(lab, "c", addr)
@@ -206,18 +230,20 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         Err(e) => panic!("lab setup: {e}"),
     };
     let b = lab.ns("b");
-    lab.server = Some(
-        Command::new("ip")
-            .args(["netns", "exec", &b, "python3", "-c", SERVER])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("server"),
-    );
-    // Bounded wait for the listener.
+    for prog in [SERVER, UDP_SERVER] {
+        lab.servers.push(
+            Command::new("ip")
+                .args(["netns", "exec", &b, "python3", "-c", prog])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("server"),
+        );
+    }
+    // Bounded wait for the listeners.
     for _ in 0..50 {
         if lab
-            .exec("b", &["ss", "-Hltn", "sport = :8080"])
-            .is_ok_and(|o| !o.trim().is_empty())
+            .exec("b", &["ss", "-Hltun", "sport = :8080"])
+            .is_ok_and(|o| o.lines().count() >= 2)
         {
             break;
         }
@@ -230,7 +256,9 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     };
     let mut web = svc("web", "172.30.0.10", vec![ep("10.1.1.2", false)]);
     web.port.node_port = Some(30080);
-    let mut s = snap(vec![web, svc("empty", "172.30.0.11", vec![])]);
+    let mut dns = svc("dns", "172.30.0.12", vec![ep("10.1.1.2", false)]);
+    dns.port.name.protocol = crate::model::Protocol::Udp;
+    let mut s = snap(vec![web, svc("empty", "172.30.0.11", vec![]), dns]);
     // The node's address towards the clients is its primary IP and NodePort address.
     s.network.primary_ip = Some("10.1.0.1".parse().unwrap());
     s.network.node_port_ips =
@@ -252,6 +280,26 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         "ConnectionRefusedError",
         "RST from the program"
     );
+    // Node-originated: connect4 picks the backend (the node's source address on that link),
+    // getpeername4 still shows the ClusterIP; no endpoints: ECONNREFUSED at connect().
+    assert_eq!(
+        connect_from_node(&lab, "172.30.0.10"),
+        "hello 10.1.1.1 172.30.0.10"
+    );
+    assert_eq!(
+        connect_from_node(&lab, "172.30.0.11"),
+        "ConnectionRefusedError"
+    );
+    // UDP: a pod through the tc program, the node through sendmsg4/recvmsg4; both see the
+    // answer coming from the ClusterIP.
+    assert_eq!(
+        udp_in(&lab, "c", "172.30.0.12"),
+        "echo 10.1.0.9 172.30.0.12"
+    );
+    assert_eq!(
+        udp_from_node(&lab, "172.30.0.12"),
+        "echo 10.1.1.1 172.30.0.12"
+    );
     for name in shunt_abi::names::ALL {
         assert!(opts.pin_dir.join(name).exists(), "{name} pinned");
     }
@@ -265,7 +313,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
         sync(&mut dp, &s);
         let st = read_state(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
-        assert_eq!(st.services.len(), 5, "adopted maps hold exactly the plan");
+        assert_eq!(st.services.len(), 7, "adopted maps hold exactly the plan");
         // A pod appears after start: its veth is attached at the next sync.
         add_client(&lab, "d", "tod", "10.1.2").expect("second client");
         sync(&mut dp, &s);

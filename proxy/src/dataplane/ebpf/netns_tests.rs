@@ -307,6 +307,12 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         .exec("n", &["cat", "/sys/class/net/toc/ifindex"])
         .unwrap();
     assert!(opts.pin_dir.join(format!("tcx_{}", toc.trim())).exists());
+    for name in SOCK_PROGRAMS {
+        assert!(
+            opts.pin_dir.join(format!("cg_{name}")).exists(),
+            "{name} link pinned"
+        );
+    }
 
     // A second instance adopts the pins and replaces the links; traffic keeps working.
     in_node(&lab, || {
@@ -314,6 +320,16 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         sync(&mut dp, &s);
         let st = read_state(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
         assert_eq!(st.services.len(), 7, "adopted maps hold exactly the plan");
+        // Make-before-break left exactly one shunt program per interface (the old link was
+        // unpinned, which detached it).
+        for dev in ["toc", "tob"] {
+            let (_, progs) = aya::programs::SchedClassifier::query_tcx(
+                dev,
+                aya::programs::TcAttachType::Ingress,
+            )
+            .unwrap();
+            assert_eq!(progs.len(), 1, "{dev}");
+        }
         // A pod appears after start: its veth is attached at the next sync.
         add_client(&lab, "d", "tod", "10.1.2").expect("second client");
         sync(&mut dp, &s);
@@ -355,6 +371,12 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         dp.cleanup().unwrap();
     });
     assert!(!opts.pin_dir.exists());
+    in_node(&lab, || {
+        let (_, progs) =
+            aya::programs::SchedClassifier::query_tcx("toc", aya::programs::TcAttachType::Ingress)
+                .unwrap();
+        assert!(progs.is_empty(), "cleanup detached the tc program");
+    });
     assert_ne!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
     assert_ne!(
         connect_from_node(&lab, "172.30.0.10"),

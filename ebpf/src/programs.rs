@@ -37,8 +37,8 @@ use aya_ebpf::{
 };
 use shunt_abi::{
     Affinity4Key, AffinityValue, Backend4, Config4, Counter, Ct4Key, Ct4Value, RevNat4,
-    SNAT_PORT_MAX, SNAT_PORT_MIN, Service4Key, Service4Value, SockRevNat4Key, SrcRange4, ct_dir,
-    ct_flags, limits, scope, stat, svc_flags,
+    SNAT_PORT_MAX, SNAT_PORT_MIN, Service4Key, Service4Value, SockFwd4, SockRevNat4Key, SrcRange4,
+    ct_dir, ct_flags, limits, scope, stat, svc_flags,
 };
 
 #[map(name = "SHUNT_STATS")]
@@ -62,6 +62,9 @@ static CIP4: HashMap<u32, u32> = HashMap::with_max_entries(limits::CLUSTER_IPS, 
 static SCIDR4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
 #[map(name = "SHUNT_LCIDR4")]
 static LCIDR4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
+#[map(name = "SHUNT_SKFWD4")]
+static SKFWD4: LruHashMap<SockRevNat4Key, SockFwd4> =
+    LruHashMap::with_max_entries(limits::SOCK_REVNAT, 0);
 #[map(name = "SHUNT_CFG4")]
 static CFG4: Array<Config4> = Array::with_max_entries(1, 0);
 #[map(name = "SHUNT_SKRN4")]
@@ -716,18 +719,52 @@ fn sock_forward(ctx: &SockAddrContext) -> i32 {
             sock_fail(EPERM)
         };
     }
-    key.backend_slot = (unsafe { bpf_get_prandom_u32() } % u32::from(s.count)) as u16 + 1;
-    let Some(slot) = SVC4.get_ptr(&key) else {
-        return sock_fail(EPERM);
-    };
-    // SAFETY: as above.
-    let Some(be) = BE4.get_ptr(unsafe { (*slot).backend_id }) else {
-        return sock_fail(EPERM);
-    };
-    // SAFETY: as above.
-    let be = unsafe { *be };
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
+    let fk = SockRevNat4Key {
+        cookie,
+        addr,
+        port,
+        pad: 0,
+    };
+    // The socket's earlier choice, while its backend id still names that backend.
+    let mut be: Option<Backend4> = None;
+    if let Some(f) = SKFWD4.get_ptr(&fk) {
+        // SAFETY: map value pointers valid for this program run.
+        let f = unsafe { *f };
+        if let Some(b) = BE4.get_ptr(f.backend_id) {
+            let b = unsafe { *b };
+            if b.addr == f.addr && b.port == f.port && f.rev_nat_id == s.rev_nat_id {
+                be = Some(b);
+            }
+        }
+    }
+    let be = match be {
+        Some(b) => b,
+        None => {
+            key.backend_slot = (unsafe { bpf_get_prandom_u32() } % u32::from(s.count)) as u16 + 1;
+            let Some(slot) = SVC4.get_ptr(&key) else {
+                return sock_fail(EPERM);
+            };
+            // SAFETY: as above.
+            let id = unsafe { (*slot).backend_id };
+            let Some(b) = BE4.get_ptr(id) else {
+                return sock_fail(EPERM);
+            };
+            // SAFETY: as above.
+            let b = unsafe { *b };
+            let fv = SockFwd4 {
+                backend_id: id,
+                addr: b.addr,
+                port: b.port,
+                rev_nat_id: s.rev_nat_id,
+            };
+            if SKFWD4.insert(&fk, &fv, 0).is_err() {
+                return sock_fail(EPERM);
+            }
+            b
+        }
+    };
     let rk = SockRevNat4Key {
         cookie,
         addr: be.addr,

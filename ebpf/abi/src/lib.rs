@@ -29,8 +29,9 @@ pub mod names {
     pub const STATS: &str = "SHUNT_STATS";
     pub const SOCK_REVNAT4: &str = "SHUNT_SKRN4";
     pub const CONFIG4: &str = "SHUNT_CFG4";
+    pub const SOCK_FWD4: &str = "SHUNT_SKFWD4";
     /// Every map the kernel object declares (pinned by name).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         SERVICES4,
         BACKENDS4,
         REVNAT4,
@@ -43,6 +44,7 @@ pub mod names {
         STATS,
         SOCK_REVNAT4,
         CONFIG4,
+        SOCK_FWD4,
     ];
 }
 
@@ -276,6 +278,19 @@ pub struct SockRevNat4Key {
 }
 const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
 
+/// Per-socket backend choice (key: `SockRevNat4Key` with the frontend address and port), so
+/// that every datagram of an unconnected UDP socket to one frontend goes to one backend, as
+/// a conntrack entry would keep it in kube-proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockFwd4 {
+    pub backend_id: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub rev_nat_id: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockFwd4>() == 12);
+
 /// IPv6 twins: same shapes with 128-bit addresses as four u32 words in wire order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -366,6 +381,7 @@ mod user {
     unsafe impl aya::Pod for Lpm4 {}
     unsafe impl aya::Pod for SockRevNat4Key {}
     unsafe impl aya::Pod for Config4 {}
+    unsafe impl aya::Pod for SockFwd4 {}
     unsafe impl aya::Pod for Service6Key {}
     unsafe impl aya::Pod for Backend6 {}
     unsafe impl aya::Pod for RevNat6 {}

@@ -29,7 +29,7 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachT
 use aya::{Ebpf, EbpfLoader};
 use shunt_abi::{
     Affinity4Key, AffinityValue, Backend4, Config4, Ct4Key, Ct4Value, RevNat4, Service4Key,
-    Service4Value, SrcRange4, names,
+    Service4Value, SockFwd4, SockRevNat4Key, SrcRange4, names,
 };
 
 use super::{Dataplane, DataplaneError, SyncOutcome, SyncRequest};
@@ -235,6 +235,18 @@ pub fn purge_stale(ebpf: &mut Ebpf, valid: &BTreeSet<(u16, u32)>) -> Result<u64,
         if ct.remove(k).is_ok() {
             deleted += 1;
         }
+    }
+    // Sockets' remembered backends (node-originated traffic) that left their service.
+    let mut fwd = hash::<SockRevNat4Key, SockFwd4>(ebpf, names::SOCK_FWD4)?;
+    let mut stale = Vec::new();
+    for kv in fwd.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::SOCK_FWD4, e))?;
+        if !valid.contains(&(v.rev_nat_id, v.backend_id)) {
+            stale.push(k);
+        }
+    }
+    for k in &stale {
+        let _ = fwd.remove(k);
     }
     Ok(deleted)
 }

@@ -316,8 +316,10 @@ pub fn desired(
         for (a, p, is_lb) in external {
             let id = st.rev_nat_ids[&(a, p, proto)] as u16;
             let mut flags = base;
-            // Replies from a NodePort carry a node address as source after reverse NAT.
-            if Some(p) == sp.node_port && node_port_ips.contains(&a) {
+            // Replies carry a node address as source after reverse NAT: NodePorts, and
+            // externalIPs / LoadBalancer IPs that are assigned to this node.
+            let local = local_addrs.iter().any(|l| v4(l) == Some(a));
+            if (Some(p) == sp.node_port && node_port_ips.contains(&a)) || local {
                 flags |= svc_flags::NODE_ADDRESS;
             }
             // External traffic to a Cluster policy is masqueraded (unless it comes from a

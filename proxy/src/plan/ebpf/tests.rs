@@ -214,6 +214,25 @@ fn all_local_nodeports_skip_loopback() {
         0,
         "external traffic to Cluster policy"
     );
+    assert_ne!(
+        v.flags & svc_flags::NODE_ADDRESS,
+        0,
+        "NodePort replies come from the node"
+    );
+    let c = slot0(&st, "172.30.0.14", 80, 0);
+    assert_eq!(c.flags & svc_flags::NODE_ADDRESS, 0);
+    // An externalIP assigned to this node is a node address too.
+    let mut s = svc("eip", "172.30.0.15", vec![ep("10.1.0.1", true)]);
+    s.port.external_ips = vec![ip("10.99.0.1"), ip("5.6.7.8")];
+    let st = desired(&snap(vec![s]), &local, &State4::default()).unwrap();
+    assert_ne!(
+        slot0(&st, "10.99.0.1", 80, 0).flags & svc_flags::NODE_ADDRESS,
+        0
+    );
+    assert_eq!(
+        slot0(&st, "5.6.7.8", 80, 0).flags & svc_flags::NODE_ADDRESS,
+        0
+    );
 }
 
 #[test]

@@ -258,7 +258,9 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     web.port.node_port = Some(30080);
     let mut dns = svc("dns", "172.30.0.12", vec![ep("10.1.1.2", false)]);
     dns.port.name.protocol = crate::model::Protocol::Udp;
-    let mut s = snap(vec![web, svc("empty", "172.30.0.11", vec![]), dns]);
+    // A service whose only endpoint is the client pod itself (hairpin).
+    let hairpin = svc("self", "172.30.0.13", vec![ep("10.1.0.9", false)]);
+    let mut s = snap(vec![web, svc("empty", "172.30.0.11", vec![]), dns, hairpin]);
     // The node's address towards the clients is its primary IP and NodePort address.
     s.network.primary_ip = Some("10.1.0.1".parse().unwrap());
     s.network.node_port_ips =
@@ -319,7 +321,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
         sync(&mut dp, &s);
         let st = read_state(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
-        assert_eq!(st.services.len(), 7, "adopted maps hold exactly the plan");
+        assert_eq!(st.services.len(), 9, "adopted maps hold exactly the plan");
         // Make-before-break left exactly one shunt program per interface (the old link was
         // unpinned, which detached it).
         for dev in ["toc", "tob"] {
@@ -363,6 +365,26 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     assert_eq!(got, "hello 10.1.0.1", "stats {sums:?}");
     // A pod client on the same NodePort keeps its address.
     assert_eq!(connect_port(&lab, "c", "10.1.0.1", 30080), "hello 10.1.0.9");
+    // Hairpin: the client reaches itself through the service, masqueraded to the node IP
+    // (otherwise it would receive a packet from its own address and drop it).
+    let c = lab.ns("c");
+    lab.servers.push(
+        Command::new("ip")
+            .args(["netns", "exec", &c, "python3", "-c", SERVER])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("server in c"),
+    );
+    for _ in 0..50 {
+        if lab
+            .exec("c", &["ss", "-Hltn", "sport = :8080"])
+            .is_ok_and(|o| !o.trim().is_empty())
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(connect(&lab, "172.30.0.13"), "hello 10.1.0.1");
     assert_eq!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
 
     // --cleanup: pins removed, links gone, the ClusterIP leads nowhere again.

@@ -383,3 +383,28 @@ fn valid_pairs_follow_the_slots() {
     assert_eq!(valid_pairs(&old), BTreeSet::from([(rid, b1), (rid, b2)]));
     assert_eq!(valid_pairs(&new), BTreeSet::from([(rid, b2)]));
 }
+
+#[test]
+fn masquerade_flags_follow_detect_local_and_masquerade_all() {
+    let mut s = svc("a", "172.30.0.10", vec![ep("10.1.0.1", true)]);
+    s.port.node_port = Some(30082);
+    s.port.external_policy_local = true;
+    let mut sn = snap(vec![s]);
+    // Without a cluster CIDR kube-proxy cannot tell off-cluster sources of a ClusterIP.
+    sn.network.local_detector = LocalDetector::None;
+    let st = desired(&sn, &[], &State4::default()).unwrap();
+    let cip = slot0(&st, "172.30.0.10", 80, 0);
+    assert_eq!(
+        cip.flags & (svc_flags::MASQUERADE | svc_flags::MASQUERADE_ALL),
+        0
+    );
+    let np = slot0(&st, "192.168.0.2", 30082, 0);
+    assert_eq!(np.flags & svc_flags::MASQUERADE, 0, "eTP=Local");
+    assert!(st.local_cidrs.is_empty());
+
+    sn.network.masquerade_all = true;
+    let st = desired(&sn, &[], &State4::default()).unwrap();
+    for (k, v) in st.services.iter().filter(|(k, _)| k.backend_slot == 0) {
+        assert_ne!(v.flags & svc_flags::MASQUERADE_ALL, 0, "{k:?}");
+    }
+}

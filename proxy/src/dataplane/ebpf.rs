@@ -320,6 +320,74 @@ fn fs_magic(dir: &Path) -> Result<i64, DataplaneError> {
     Ok(unsafe { buf.assume_init() }.f_type as i64)
 }
 
+/// Where a node (and a DaemonSet's hostPath) finds bpffs.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// Mount bpffs at `/sys/fs/bpf` when `pin_dir` lies under it and it is not a bpffs yet.
+/// `ip netns exec` remounts /sys in a private mount namespace, and some hosts never mount
+/// bpffs at all; a DaemonSet would find it mounted there (systemd and kubelet hosts do), so
+/// shunt mounts it the same way. Returns whether it mounted.
+fn ensure_bpffs(pin_dir: &Path) -> Result<bool, DataplaneError> {
+    let mnt = Path::new(BPFFS_MOUNT);
+    if !pin_dir.starts_with(mnt) || fs_magic(mnt)? == BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    // Mode 0700 as systemd mounts it (mount-setup.c): pins are only for root.
+    nix::mount::mount(
+        Some("bpf"),
+        mnt,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|e| io(format!("mounting bpffs at {BPFFS_MOUNT}"), e.into()))?;
+    tracing::info!("mounted bpffs at {BPFFS_MOUNT}");
+    Ok(true)
+}
+
+/// The first cgroup2 mount point in a /proc/self/mountinfo text (proc(5): fields up to the
+/// ` - ` separator, then the filesystem type). A mount point with a space is octal-escaped
+/// (`\040`) there.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mp = pre.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mp)))
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The host's cgroup2 mount (the unified hierarchy: /sys/fs/cgroup on a cgroup-v2 host,
+/// /sys/fs/cgroup/unified in hybrid mode), read from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Result<PathBuf, DataplaneError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| io("reading /proc/self/mountinfo", e))?;
+    cgroup2_mount_in(&text).ok_or_else(|| other("/proc/self/mountinfo", "no cgroup2 mount"))
+}
+
 /// Pin a freshly attached link at `tmp`, then unpin (detach) the link of a previous run at
 /// `fin`, then move the new pin to `fin`: make-before-break across restarts.
 fn replace_link(link: FdLink, tmp: &Path, fin: &Path) -> Result<(), DataplaneError> {
@@ -392,6 +460,7 @@ impl EbpfDataplane {
 
     fn start(&mut self) -> Result<Loaded, DataplaneError> {
         let dir = &self.opts.pin_dir;
+        ensure_bpffs(dir)?;
         std::fs::create_dir_all(dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
         if fs_magic(dir)? != BPF_FS_MAGIC {
             return Err(other(
@@ -562,6 +631,20 @@ impl Dataplane for EbpfDataplane {
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         self.loaded = None;
         let dir = &self.opts.pin_dir;
+        // Not on a bpffs (e.g. /sys/fs/bpf unmounted, or /sys remounted by `ip netns exec`):
+        // nothing of ours can be pinned here. Every bpffs mount is a new, empty instance
+        // (bpf_get_tree uses get_tree_nodev), so mounting one to look would find nothing;
+        // and pins made in a private mount namespace died with it, detaching their links.
+        match fs_magic(dir) {
+            Ok(m) if m == BPF_FS_MAGIC => {}
+            Ok(_) => return Ok(()),
+            Err(DataplaneError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

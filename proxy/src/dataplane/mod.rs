@@ -1,7 +1,10 @@
 //! IMPURE: backends that apply a plan to the kernel and read state back.
 //!
 //! A backend never decides Kubernetes semantics; it asks `plan` what to do and does it.
+pub mod conntrack;
 pub mod ebpf;
+pub mod iptables;
+pub mod kube_proxy_cleanup;
 pub mod nftables;
 
 pub use crate::model::Changed;

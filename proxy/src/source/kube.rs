@@ -19,8 +19,8 @@
 //! `setInitialized` once both informers have synced);
 //! shunt also waits for ServiceCIDRs and the Node so that the first ruleset already has the
 //! service-CIDR drop rules and the node's topology labels instead of being corrected one sync
-//! later. Errors are logged and retried with the watcher's default backoff; the loop only
-//! ends when the receiver is dropped.
+//! later. Errors are logged and retried with `ReconnectBackoff` (below); the loop only ends when
+//! the receiver is dropped.
 use std::collections::{HashMap, HashSet};
 
 use futures::{Stream, StreamExt};
@@ -95,7 +95,47 @@ pub async fn run(
 
 type Tagged = (Kind, Result<Event<Object>, watcher::Error>);
 
-/// One kind's watcher with default backoff, its events converted to `Object`s.
+/// Retry delays after a watch or list error: 100 ms doubling to at most 1 s, each with up to
+/// 20 % random jitter, back to 100 ms after any successful event (kube-runtime's StreamBackoff
+/// resets on every `Ok`).
+///
+/// kube-rs' default (client-go's reflector: 800 ms doubling to 30 s) would leave a node's
+/// Services stale for up to half a minute after an API outage ends; the dataplane keeps serving
+/// the last state meanwhile, but changes made during the outage must land within about a
+/// second of the API's return. The price is at most four requests a second per node while the
+/// API is unreachable, each answered cheaply (connection refused) or throttled by the API
+/// server's priority and fairness.
+struct ReconnectBackoff {
+    next: std::time::Duration,
+}
+
+impl ReconnectBackoff {
+    const MIN: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn new() -> Self {
+        ReconnectBackoff { next: Self::MIN }
+    }
+}
+
+impl Iterator for ReconnectBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let jitter = base.mul_f64(rand::random::<f64>() * 0.2);
+        Some(base + jitter)
+    }
+}
+
+impl kube::runtime::utils::Backoff for ReconnectBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+/// One kind's watcher with `ReconnectBackoff`, its events converted to `Object`s.
 fn typed_watch<K>(
     client: &::kube::Client,
     kind: Kind,
@@ -107,7 +147,7 @@ where
 {
     let api: Api<K> = Api::all(client.clone());
     watcher::watcher(api, config)
-        .default_backoff()
+        .backoff(ReconnectBackoff::new())
         .map(move |r| (kind, r.map(|e| convert(e, wrap))))
         .boxed()
 }
@@ -128,7 +168,7 @@ fn log_watch_error(kind: Kind, e: &watcher::Error) {
         watcher::Error::WatchError(status) if status.code == 410 => {
             tracing::info!(%kind, "watch resourceVersion expired (410 Gone); relisting")
         }
-        _ => tracing::warn!(%kind, "watch error (retrying with backoff): {e}"),
+        _ => tracing::warn!(%kind, "watch error (retrying within a second): {e}"),
     }
 }
 
@@ -238,6 +278,24 @@ fn apply(ks: &mut KindState, r: ObjectRef, object: Object, out: &mut Vec<SourceE
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::runtime::utils::Backoff as _;
+
+    #[test]
+    fn reconnect_backoff_is_capped_near_a_second_and_resets() {
+        let mut b = ReconnectBackoff::new();
+        let delays: Vec<_> = (&mut b).take(8).collect();
+        // 100 ms, 200, 400, 800, then 1 s for ever, each plus at most 20 % jitter.
+        let bases = [100u64, 200, 400, 800, 1000, 1000, 1000, 1000];
+        for (d, base) in delays.iter().zip(bases) {
+            let base = std::time::Duration::from_millis(base);
+            assert!(
+                *d >= base && *d <= base.mul_f64(1.2),
+                "{d:?} vs base {base:?}"
+            );
+        }
+        b.reset();
+        assert!(b.next().unwrap() <= std::time::Duration::from_millis(120));
+    }
 
     fn svc(name: &str, rv: &str) -> Object {
         Object::Service(Box::new(Service {

@@ -18,7 +18,9 @@
 //! * `timeoutSeconds` ends the watch.
 //!
 //! Test hooks mutate objects, compact history and drop all open watches, optionally all in one
-//! critical section so that a change happens while no watch is connected.
+//! critical section so that a change happens while no watch is connected. `stop` takes the
+//! whole server down (listener closed: connections are refused; open connections closed) and
+//! `restart` brings it back on the same address with its state, like an apiserver outage.
 #![allow(dead_code)] // each test binary uses a different part of the double
 
 use std::collections::{BTreeMap, HashMap};
@@ -110,6 +112,13 @@ pub struct Store {
     watches: Vec<Watch>,
     lists: HashMap<Res, usize>,
     watch_requests: HashMap<Res, usize>,
+    /// The `resourceVersion` parameter of every watch request, in order.
+    watch_from: Vec<(Res, String)>,
+    /// Requests answered since the server started (all endpoints).
+    requests: usize,
+    /// Set by `ApiServer::stop` while the server shuts down: a request that still reaches the
+    /// handler on an old connection is refused instead of served.
+    down: bool,
 }
 
 impl Store {
@@ -187,6 +196,32 @@ impl Store {
 
     pub fn watch_requests(&self, res: Res) -> usize {
         self.watch_requests.get(&res).copied().unwrap_or(0)
+    }
+
+    /// The `resourceVersion` of each watch request for `res`, oldest first ("" if absent).
+    pub fn watch_resource_versions(&self, res: Res) -> Vec<String> {
+        self.watch_from
+            .iter()
+            .filter(|(r, _)| *r == res)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// The current (latest) resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.rv
+    }
+
+    pub fn requests(&self) -> usize {
+        self.requests
+    }
+
+    /// Every stored object, with apiVersion and kind.
+    pub fn objects(&self) -> Vec<Value> {
+        self.objects
+            .iter()
+            .map(|((res, _, _), o)| with_type(*res, o.clone()))
+            .collect()
     }
 
     pub fn open_watches(&self) -> usize {
@@ -332,13 +367,39 @@ impl Selector {
 pub struct ApiServer {
     pub addr: SocketAddr,
     store: Arc<Mutex<Store>>,
+    serving: Mutex<Option<Serving>>,
+}
+
+/// The accept loop while the server is up.
+struct Serving {
     task: tokio::task::JoinHandle<()>,
+    shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(s) = self.serving.lock().expect("serving lock").take() {
+            s.task.abort();
+        }
     }
+}
+
+/// Serve `store` on `listener` until the returned sender fires. Graceful shutdown (axum
+/// `with_graceful_shutdown`) stops accepting at once, drops the listener, tells every
+/// connection to close once its in-flight request is done (hyper closes idle keep-alive
+/// connections immediately) and resolves when all connections are gone.
+fn serve(listener: tokio::net::TcpListener, store: Arc<Mutex<Store>>) -> Serving {
+    let app = axum::Router::new().fallback(handle).with_state(store);
+    let (shutdown, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+    });
+    Serving { task, shutdown }
 }
 
 impl ApiServer {
@@ -351,18 +412,56 @@ impl ApiServer {
             watches: Vec::new(),
             lists: HashMap::new(),
             watch_requests: HashMap::new(),
+            watch_from: Vec::new(),
+            requests: 0,
+            down: false,
         }));
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(store.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("serve");
+        let serving = serve(listener, store.clone());
+        ApiServer {
+            addr,
+            store,
+            serving: Mutex::new(Some(serving)),
+        }
+    }
+
+    /// Take the server down: end every watch stream, stop accepting (new connections are
+    /// refused, as from a stopped apiserver) and close every open connection. Returns once no
+    /// connection is left. The state is kept for `restart`.
+    pub async fn stop(&self) {
+        let serving = self
+            .serving
+            .lock()
+            .expect("serving lock")
+            .take()
+            .expect("stop: the double is not running");
+        self.with(|s| {
+            s.down = true;
+            s.drop_watches();
         });
-        ApiServer { addr, store, task }
+        let _ = serving.shutdown.send(());
+        tokio::time::timeout(Duration::from_secs(10), serving.task)
+            .await
+            .expect("the double did not close its connections within 10 s")
+            .expect("serve task");
+    }
+
+    /// Serve again on the same address with the same state (and history, so watches can
+    /// resume from their resourceVersion unless `compact` was called meanwhile).
+    pub async fn restart(&self) {
+        let mut serving = self.serving.lock().expect("serving lock");
+        assert!(serving.is_none(), "restart: the double is running");
+        // std sets SO_REUSEADDR on Unix listeners, so the previous listener's connections
+        // left in TIME_WAIT (the server closed them) do not block the bind.
+        let listener = std::net::TcpListener::bind(self.addr)
+            .unwrap_or_else(|e| panic!("rebind {}: {e}", self.addr));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        self.with(|s| s.down = false);
+        *serving = Some(serve(listener, self.store.clone()));
     }
 
     /// A kube client for this server: plain HTTP, no authentication.
@@ -409,6 +508,14 @@ async fn handle(
     }
     let matching = |o: &Value| labels.matches_labels(o) && fields.matches_fields(o);
     let mut store = store.lock().expect("store lock");
+    if store.down {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(status(503, "ServiceUnavailable", "shutting down")),
+        )
+            .into_response();
+    }
+    store.requests += 1;
 
     if q.get("watch").map(String::as_str) != Some("true") {
         *store.lists.entry(res).or_default() += 1;
@@ -476,6 +583,7 @@ async fn handle(
         .and_then(|t| t.parse::<u64>().ok())
         .unwrap_or(1800);
     let from = q.get("resourceVersion").map_or("", String::as_str);
+    store.watch_from.push((res, from.to_owned()));
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     let watch = Watch {
         res,

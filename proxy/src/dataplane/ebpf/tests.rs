@@ -514,3 +514,28 @@ fn removed_endpoint_loses_udp_flows_and_affinity() {
     );
     assert_checksums(&out);
 }
+
+#[test]
+fn cgroup2_mount_found_in_mountinfo() {
+    // Hybrid host (cgroup v1 controllers plus the unified hierarchy), as on this machine.
+    let hybrid = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:27 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:28 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+33 31 0:29 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,name=systemd
+";
+    assert_eq!(
+        cgroup2_mount_in(hybrid),
+        Some(PathBuf::from("/sys/fs/cgroup/unified"))
+    );
+    // Pure v2 host, with optional fields before the separator.
+    let v2 =
+        "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 master:1 - cgroup2 cgroup2 rw,nsdelegate\n";
+    assert_eq!(cgroup2_mount_in(v2), Some(PathBuf::from("/sys/fs/cgroup")));
+    // Octal escapes in the mount point are decoded.
+    let esc = "36 24 0:30 / /mnt/my\\040cg rw - cgroup2 none rw\n";
+    assert_eq!(cgroup2_mount_in(esc), Some(PathBuf::from("/mnt/my cg")));
+    // cgroup v1 only: none.
+    let v1 = "33 31 0:29 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n";
+    assert_eq!(cgroup2_mount_in(v1), None);
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Measures shunt at scale in a network namespace of its own (deleted on exit):
+# cold sync time (start to /healthz 200), the time to apply one endpoint change (manifest
+# write to the kernel carrying the new endpoint, checked with `nft list`), and peak RSS.
+# Usage: scripts/scale-measure.sh [SERVICES] [ENDPOINTS] [MODE]   (needs root)
+set -euo pipefail
+services=${1:-10000}
+endpoints=${2:-10}
+mode=${3:-nftables}
+top=$(cd "$(dirname "$0")/.." && pwd)
+shunt="${CARGO_TARGET_DIR:-$top/target}/release/shunt"
+ns="shunt-scale-$$"
+dir=$(mktemp -d)
+pid=""
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    [ -x "$shunt" ] && ip netns exec "$ns" "$shunt" --proxy-mode "$mode" --cleanup >/dev/null 2>&1 || true
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+(cd "$top" && cargo build --release -p shunt --quiet)
+python3 "$top/scripts/scale-manifests.py" "$dir" --services "$services" --endpoints "$endpoints" --node scale-node
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+ip -n "$ns" link add uplink0 type veth peer name uplink1
+ip -n "$ns" addr add 192.168.0.2/24 dev uplink0
+ip -n "$ns" link set uplink0 up && ip -n "$ns" link set uplink1 up
+
+now_ms() { date +%s%3N; }
+t0=$(now_ms)
+ip netns exec "$ns" "$shunt" --proxy-mode "$mode" --manifests "$dir" --hostname-override scale-node \
+    --detect-local-mode ClusterCIDR --cluster-cidr 10.0.0.0/8 --nodeport-addresses 192.168.0.2/32 \
+    --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 2>"$dir/shunt.log" &
+pid=$!
+for _ in $(seq 1 6000); do
+    code=$(ip netns exec "$ns" curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:10256/healthz || true)
+    [ "$code" = 200 ] && break
+    sleep 0.05
+done
+[ "$code" = 200 ] || { echo "shunt never became healthy"; tail -20 "$dir/shunt.log"; exit 1; }
+t1=$(now_ms)
+echo "cold sync ($services services x $endpoints endpoints, $mode): $((t1 - t0)) ms to /healthz 200"
+
+# The service chain of svc0 (name hashed as kube-proxy does): its numgen vmap must name the
+# new endpoint's chain. Listing one chain still makes nft load the table's chain cache, so
+# the figure includes that cost.
+svc_chain=$(ip netns exec "$ns" nft -j list chains ip | python3 -c '
+import json,sys
+for o in json.load(sys.stdin)["nftables"]:
+    c=o.get("chain")
+    if c and c["name"].startswith("service-") and c["name"].endswith("-scale/svc0/tcp/http"):
+        print(c["name"]); break')
+# One endpoint change: svc0 gets a new endpoint 10.127.255.254.
+python3 - "$dir/services-000.json" <<'PY'
+import json, os, sys
+p = sys.argv[1]
+d = json.load(open(p))
+for it in d["items"]:
+    if it["kind"] == "EndpointSlice" and it["metadata"]["name"] == "svc0-1":
+        it["endpoints"].append({"addresses": ["10.127.255.254"], "conditions": {"ready": True}, "nodeName": "other-node"})
+tmp = p + ".tmp"
+json.dump(d, open(tmp, "w"))
+os.rename(tmp, p)
+PY
+t2=$(now_ms)
+found=0
+for _ in $(seq 1 600); do
+    if ip netns exec "$ns" nft list chain ip shunt "$svc_chain" 2>/dev/null | grep -q '10.127.255.254'; then found=1; break; fi
+    sleep 0.02
+done
+t3=$(now_ms)
+[ "$found" = 1 ] || { echo "endpoint change never reached the kernel"; tail -20 "$dir/shunt.log"; exit 1; }
+echo "one endpoint change: $((t3 - t2)) ms from manifest write to the endpoint chain in the kernel (includes the file watcher's 100 ms debounce and this script's polling)"
+metrics=$(ip netns exec "$ns" curl -s http://127.0.0.1:10249/metrics)
+echo "$metrics" | grep -E '^kubeproxy_sync_(full|partial)_proxy_rules_duration_seconds_(sum|count)' || true
+echo "peak RSS: $(grep VmHWM /proc/$pid/status | awk '{print $2/1024 " MiB"}'), now $(grep VmRSS /proc/$pid/status | awk '{print $2/1024 " MiB"}')"

@@ -25,8 +25,9 @@ use aya_ebpf::{
         tcx_action_base::{TCX_DROP, TCX_NEXT},
     },
     helpers::{
-        bpf_fib_lookup, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect,
-        bpf_redirect_neigh, bpf_set_retval, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_fib_lookup, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_set_retval, bpf_skb_change_tail,
+        bpf_skb_load_bytes,
     },
     macros::{cgroup_sock_addr, classifier, map},
     maps::{
@@ -65,6 +66,8 @@ static LCIDR4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
 #[map(name = "SHUNT_SKFWD4")]
 static SKFWD4: LruHashMap<SockRevNat4Key, SockFwd4> =
     LruHashMap::with_max_entries(limits::SOCK_REVNAT, 0);
+#[map(name = "SHUNT_HOSTNS")]
+static HOSTNS: Array<u64> = Array::with_max_entries(1, 0);
 #[map(name = "SHUNT_CFG4")]
 static CFG4: Array<Config4> = Array::with_max_entries(1, 0);
 #[map(name = "SHUNT_SKRN4")]
@@ -681,6 +684,18 @@ fn sock_forward(ctx: &SockAddrContext) -> i32 {
     let Some(proto) = sock_proto(sa) else {
         return 1;
     };
+    // Only the node's own sockets are balanced here (Cilium's bpf-lb-sock-hostns-only).
+    // A pod's packets cross its host-side veth, where the tc program translates them with
+    // kube-proxy's full semantics: hairpin masquerade and ICMP/RST rejects that a socket
+    // hook cannot give (it can only fail the syscall). A cgroup hook sees every namespace's
+    // sockets, pods' included when they share the cgroup.
+    if let Some(host) = HOSTNS.get(0)
+        && *host != 0
+        // SAFETY: helper on the program's own context (sock_addr programs, kernel >= 5.7).
+        && unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) } != *host
+    {
+        return 1;
+    }
     let addr = sa.user_ip4;
     let port = sa.user_port as u16;
     let mut key = Service4Key {

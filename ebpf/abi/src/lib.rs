@@ -30,8 +30,11 @@ pub mod names {
     pub const SOCK_REVNAT4: &str = "SHUNT_SKRN4";
     pub const CONFIG4: &str = "SHUNT_CFG4";
     pub const SOCK_FWD4: &str = "SHUNT_SKFWD4";
+    /// Array<u64>, one entry: the node's network namespace cookie (SO_NETNS_COOKIE), 0
+    /// when unset. The socket programs translate only sockets of that namespace.
+    pub const HOST_NETNS: &str = "SHUNT_HOSTNS";
     /// Every map the kernel object declares (pinned by name).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES4,
         BACKENDS4,
         REVNAT4,
@@ -45,6 +48,7 @@ pub mod names {
         SOCK_REVNAT4,
         CONFIG4,
         SOCK_FWD4,
+        HOST_NETNS,
     ];
 }
 

@@ -320,6 +320,39 @@ fn fs_magic(dir: &Path) -> Result<i64, DataplaneError> {
     Ok(unsafe { buf.assume_init() }.f_type as i64)
 }
 
+/// The cookie of this process' network namespace (SO_NETNS_COOKIE, kernel >= 5.14), the
+/// value bpf_get_netns_cookie gives the socket programs for the node's own sockets.
+fn netns_cookie() -> Result<u64, DataplaneError> {
+    use std::os::fd::AsRawFd as _;
+    // Unbound: a fresh namespace may not even have lo up.
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| io("a socket to read SO_NETNS_COOKIE", e.into()))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: valid socket fd, out buffer and its length.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            sock.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io(
+            "getsockopt SO_NETNS_COOKIE",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(cookie)
+}
+
 /// Where a node (and a DaemonSet's hostPath) finds bpffs.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 
@@ -470,6 +503,11 @@ impl EbpfDataplane {
         }
         let mut ebpf = load_object(Some(dir))?;
         let state = read_state(&mut ebpf)?;
+        let cookie = netns_cookie()?;
+        aya::maps::Array::<_, u64>::try_from(map_mut(&mut ebpf, names::HOST_NETNS)?)
+            .map_err(|e| other(names::HOST_NETNS, e))?
+            .set(0, cookie, 0)
+            .map_err(|e| other(names::HOST_NETNS, e))?;
         if !self.opts.cgroup_root.as_os_str().is_empty() {
             let cg = &self.opts.cgroup_root;
             let cgf = std::fs::File::open(cg)

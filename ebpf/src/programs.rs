@@ -39,7 +39,7 @@ use aya_ebpf::{
 use shunt_abi::{
     Affinity4Key, AffinityValue, Backend4, Config4, Counter, Ct4Key, Ct4Value, RevNat4,
     SNAT_PORT_MAX, SNAT_PORT_MIN, Service4Key, Service4Value, SockFwd4, SockRevNat4Key, SrcRange4,
-    ct_dir, ct_flags, limits, scope, stat, svc_flags,
+    ct_dir, ct_flags, host_ns, limits, scope, stat, svc_flags,
 };
 
 #[map(name = "SHUNT_STATS")]
@@ -67,7 +67,7 @@ static LCIDR4: LpmTrie<u32, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
 static SKFWD4: LruHashMap<SockRevNat4Key, SockFwd4> =
     LruHashMap::with_max_entries(limits::SOCK_REVNAT, 0);
 #[map(name = "SHUNT_HOSTNS")]
-static HOSTNS: Array<u64> = Array::with_max_entries(1, 0);
+static HOSTNS: Array<u64> = Array::with_max_entries(host_ns::COUNT, 0);
 #[map(name = "SHUNT_CFG4")]
 static CFG4: Array<Config4> = Array::with_max_entries(1, 0);
 #[map(name = "SHUNT_SKRN4")]
@@ -189,6 +189,9 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
                 // the client.
                 rewrite(ctx, &p, true, da, dp)?;
             }
+            if ct.flags & ct_flags::LOCAL_CLIENT != 0 {
+                return Ok(to_loopback(ctx));
+            }
             if redirect {
                 let dst = if da != 0 { da } else { p.daddr };
                 return Ok(forward(ctx, &p, sa, dst));
@@ -230,7 +233,14 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     };
     // SAFETY: map value pointer valid for this program run.
     let mut s: Service4Value = unsafe { *svc };
-    if s.flags & svc_flags::TWO_SCOPES != 0 && LCIDR4.get(Key::new(32, p.saddr)).is_some() {
+    // Loopback ingress carries only the node's own traffic (here: to a node address, the
+    // socket programs leaving it alone). kube-proxy treats local sources (`fib saddr type
+    // local`) like pods for a Local policy (cluster-wide endpoints) and masquerades them.
+    // SAFETY: the context pointer is valid for the program run.
+    let from_node = unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX;
+    if s.flags & svc_flags::TWO_SCOPES != 0
+        && (from_node || LCIDR4.get(Key::new(32, p.saddr)).is_some())
+    {
         key.scope = scope::INTERNAL;
         if let Some(v) = SVC4.get_ptr(&key) {
             svc = v;
@@ -319,7 +329,8 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // leave the pod.
     let node_ip = CFG4.get(0).map_or(0, |c| c.node_ip);
     let masq = node_ip != 0
-        && (s.flags & svc_flags::MASQUERADE_ALL != 0
+        && (from_node
+            || s.flags & svc_flags::MASQUERADE_ALL != 0
             || (s.flags & svc_flags::MASQUERADE != 0
                 && LCIDR4.get(Key::new(32, p.saddr)).is_none())
             || p.saddr == be.addr);
@@ -361,7 +372,9 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
         rev_nat_id: s.rev_nat_id,
         backend_id,
         dir: ct_dir::REPLY,
-        flags: if masq || s.flags & svc_flags::NODE_ADDRESS != 0 {
+        flags: if from_node {
+            ct_flags::LOCAL_CLIENT
+        } else if masq || s.flags & svc_flags::NODE_ADDRESS != 0 {
             ct_flags::REDIRECT
         } else {
             0
@@ -466,6 +479,24 @@ fn forward(ctx: &TcContext, p: &Pkt, src: u32, dst: u32) -> i32 {
     }
     count(stat::ERRORS, ctx.len());
     TC_ACT_SHOT
+}
+
+/// The loopback device's ifindex in every network namespace (LOOPBACK_IFINDEX).
+const LOOPBACK_IFINDEX: u32 = 1;
+/// bpf_redirect flag: deliver to the device's ingress.
+const BPF_F_INGRESS: u64 = 1;
+
+/// Deliver a reply to the node's own socket through loopback ingress. Its source is a
+/// local address (the frontend), which the input path accepts only there. eth_type_trans
+/// on loopback classifies the frame by its destination MAC against the device's all-zero
+/// address, so both MACs are zeroed (anything else would be PACKET_OTHERHOST and dropped).
+#[inline(always)]
+fn to_loopback(ctx: &TcContext) -> i32 {
+    if ctx.store(0, &[0u8; 12], 0).is_err() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: plain helper.
+    unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS) as i32 }
 }
 
 /// No frontend matched: kube-proxy rejects a ClusterIP's unknown port and drops any other
@@ -689,7 +720,7 @@ fn sock_forward(ctx: &SockAddrContext) -> i32 {
     // kube-proxy's full semantics: hairpin masquerade and ICMP/RST rejects that a socket
     // hook cannot give (it can only fail the syscall). A cgroup hook sees every namespace's
     // sockets, pods' included when they share the cgroup.
-    if let Some(host) = HOSTNS.get(0)
+    if let Some(host) = HOSTNS.get(host_ns::COOKIE)
         && *host != 0
         // SAFETY: helper on the program's own context (sock_addr programs, kernel >= 5.7).
         && unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) } != *host
@@ -717,6 +748,14 @@ fn sock_forward(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: map value pointer valid for this program run.
     let mut s = unsafe { *svc };
+    // A node address: the packet loops through loopback, where the tc program applies
+    // kube-proxy's rules for local sources (masquerade, cluster-wide endpoints); at the
+    // socket the source cannot be masqueraded.
+    if s.flags & svc_flags::NODE_ADDRESS != 0
+        && HOSTNS.get(host_ns::LOOPBACK).is_some_and(|v| *v != 0)
+    {
+        return 1;
+    }
     // The node is not "external": kube-proxy sends node-originated traffic to an eTP=Local
     // service's external addresses to the cluster-wide endpoints (like pod traffic).
     if s.flags & svc_flags::TWO_SCOPES != 0 {

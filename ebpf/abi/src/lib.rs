@@ -30,8 +30,9 @@ pub mod names {
     pub const SOCK_REVNAT4: &str = "SHUNT_SKRN4";
     pub const CONFIG4: &str = "SHUNT_CFG4";
     pub const SOCK_FWD4: &str = "SHUNT_SKFWD4";
-    /// Array<u64>, one entry: the node's network namespace cookie (SO_NETNS_COOKIE), 0
-    /// when unset. The socket programs translate only sockets of that namespace.
+    /// Array<u64>, `host_ns::COUNT` entries: the node's network namespace cookie
+    /// (SO_NETNS_COOKIE, 0 when unset), the socket programs translating only sockets of
+    /// that namespace; and whether the tc program is attached to loopback.
     pub const HOST_NETNS: &str = "SHUNT_HOSTNS";
     /// Every map the kernel object declares (pinned by name).
     pub const ALL: [&str; 14] = [
@@ -50,6 +51,17 @@ pub mod names {
         SOCK_FWD4,
         HOST_NETNS,
     ];
+}
+
+/// Indexes of `names::HOST_NETNS`.
+pub mod host_ns {
+    /// The node's network namespace cookie.
+    pub const COOKIE: u32 = 0;
+    /// Nonzero when the tc program sees loopback ingress: node-originated traffic to a
+    /// node address is then left to it (masquerade as kube-proxy does for local sources)
+    /// instead of being balanced at the socket.
+    pub const LOOPBACK: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Map sizes (max_entries). Userspace refuses plans that do not fit.
@@ -181,6 +193,10 @@ pub mod ct_flags {
     /// masqueraded flow): it must bypass the input path, which drops local sources as
     /// martian, and is sent on with bpf_fib_lookup + bpf_redirect.
     pub const REDIRECT: u8 = 1;
+    /// The client is the node itself (the flow entered on loopback ingress, so its source
+    /// is a local address): after reverse NAT the reply goes back in through loopback
+    /// ingress, the only interface the input path accepts a local source on.
+    pub const LOCAL_CLIENT: u8 = 2;
 }
 
 /// `Ct4Value::dir`.

@@ -62,7 +62,8 @@ pub fn object() -> &'static [u8] {
 /// Which interfaces get the tc program.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Interfaces {
-    /// Every interface except loopback (the uplink and pods' host-side veths), re-scanned
+    /// Every interface, loopback included (the uplink, pods' host-side veths, and lo for
+    /// the node's own traffic to node addresses), re-scanned
     /// at every sync: a veth created later is attached at the next sync (no netlink
     /// subscription yet, so a new pod's traffic is translated from then on).
     All,
@@ -353,6 +354,25 @@ fn netns_cookie() -> Result<u64, DataplaneError> {
     Ok(cookie)
 }
 
+/// The loopback device's ifindex in every network namespace (LOOPBACK_IFINDEX).
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// net.ipv4.conf.lo.accept_local=1 in this network namespace. The node's own masqueraded
+/// flows to a node address (a NodePort) get their replies back through loopback ingress
+/// with the frontend, a local address, as source. A packet the stack itself loops back
+/// carries its route and is never checked, but one redirected there by BPF has none, and
+/// fib_validate_source refuses a local source unless accept_local (iptables' conntrack
+/// does this reverse NAT after routing, at LOCAL_IN, so it never needs it). Only loopback:
+/// no other interface is affected; kube-proxy likewise sets the sysctls its mode needs
+/// (route_localnet) and leaves them on exit.
+fn allow_local_source_on_lo() -> Result<(), DataplaneError> {
+    const PATH: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
+    match std::fs::read_to_string(PATH) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        _ => std::fs::write(PATH, "1").map_err(|e| io(format!("writing {PATH}"), e)),
+    }
+}
+
 /// Where a node (and a DaemonSet's hostPath) finds bpffs.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 
@@ -482,10 +502,11 @@ impl EbpfDataplane {
             Interfaces::All => {
                 let all = nix::net::if_::if_nameindex()
                     .map_err(|e| io("listing interfaces", e.into()))?;
+                // Loopback included: the node's own traffic to its node addresses
+                // (NodePorts) is translated there, so it can be masqueraded.
                 Ok(all
                     .iter()
                     .map(|i| i.name().to_string_lossy().into_owned())
-                    .filter(|n| n != "lo")
                     .collect())
             }
         }
@@ -506,7 +527,7 @@ impl EbpfDataplane {
         let cookie = netns_cookie()?;
         aya::maps::Array::<_, u64>::try_from(map_mut(&mut ebpf, names::HOST_NETNS)?)
             .map_err(|e| other(names::HOST_NETNS, e))?
-            .set(0, cookie, 0)
+            .set(shunt_abi::host_ns::COOKIE, cookie, 0)
             .map_err(|e| other(names::HOST_NETNS, e))?;
         if !self.opts.cgroup_root.as_os_str().is_empty() {
             let cg = &self.opts.cgroup_root;
@@ -586,6 +607,16 @@ impl EbpfDataplane {
             l.attached.insert(ifindex);
         }
         l.attached.retain(|i| present.contains(i));
+        if l.attached.contains(&LOOPBACK_IFINDEX) {
+            allow_local_source_on_lo()?;
+        }
+        // Tell the socket programs whether loopback is covered (else they must balance
+        // node-originated traffic to node addresses themselves).
+        let on_lo = u64::from(l.attached.contains(&LOOPBACK_IFINDEX));
+        aya::maps::Array::<_, u64>::try_from(map_mut(&mut l.ebpf, names::HOST_NETNS)?)
+            .map_err(|e| other(names::HOST_NETNS, e))?
+            .set(shunt_abi::host_ns::LOOPBACK, on_lo, 0)
+            .map_err(|e| other(names::HOST_NETNS, e))?;
         let dir = &self.opts.pin_dir;
         let entries =
             std::fs::read_dir(dir).map_err(|e| io(format!("reading {}", dir.display()), e))?;

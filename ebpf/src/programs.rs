@@ -236,8 +236,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, ()> {
     // Loopback ingress carries only the node's own traffic (here: to a node address, the
     // socket programs leaving it alone). kube-proxy treats local sources (`fib saddr type
     // local`) like pods for a Local policy (cluster-wide endpoints) and masquerades them.
+    // Only when userspace attached to loopback for this (HOST_NETNS[LOOPBACK]); otherwise
+    // the socket programs balance that traffic and loopback is not ours (BPF_PROG_TEST_RUN
+    // also runs on the loopback device).
     // SAFETY: the context pointer is valid for the program run.
-    let from_node = unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX;
+    let from_node = unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX
+        && HOSTNS.get(host_ns::LOOPBACK).is_some_and(|v| *v != 0);
     if s.flags & svc_flags::TWO_SCOPES != 0
         && (from_node || LCIDR4.get(Key::new(32, p.saddr)).is_some())
     {

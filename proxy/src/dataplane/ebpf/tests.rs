@@ -539,3 +539,36 @@ fn cgroup2_mount_found_in_mountinfo() {
     let v1 = "33 31 0:29 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n";
     assert_eq!(cgroup2_mount_in(v1), None);
 }
+
+/// With the tc program in charge of loopback (HOST_NETNS[LOOPBACK] set), the node's own
+/// packet to a NodePort (BPF_PROG_TEST_RUN runs on the loopback device, as lo ingress
+/// would) goes to the cluster-wide endpoints even under eTP=Local, and the backend's reply
+/// is handed back through loopback ingress with both MACs zeroed.
+#[test]
+fn node_traffic_on_loopback_uses_cluster_endpoints_and_returns_via_lo() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("np", "172.30.0.13", vec![ep("10.1.0.2", false)]);
+    s.port.node_port = Some(30080);
+    s.port.external_policy_local = true;
+    let mut ebpf = setup(&snap(vec![s]));
+    // Without the flag loopback is not ours: an external source with no local endpoint.
+    let np = packet(TCP, NODE, 40000, NODE, 30080, SYN);
+    assert_eq!(run(&mut ebpf, &np).0, TCX_DROP);
+    aya::maps::Array::<_, u64>::try_from(ebpf.map_mut(names::HOST_NETNS).unwrap())
+        .unwrap()
+        .set(shunt_abi::host_ns::LOOPBACK, 1, 0)
+        .unwrap();
+    let (rc, out) = run(&mut ebpf, &np);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 2], 8080));
+    assert_checksums(&out);
+    let reply = packet(TCP, [10, 1, 0, 2], 8080, NODE, 40000, SYN | ACK);
+    let (rc, out) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_REDIRECT);
+    assert_eq!((saddr(&out), sport(&out)), (NODE, 30080));
+    assert_eq!((daddr(&out), dport(&out)), (NODE, 40000));
+    assert_eq!(&out[..12], &[0u8; 12]);
+    assert_checksums(&out);
+}

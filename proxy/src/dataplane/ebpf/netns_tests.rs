@@ -325,12 +325,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         // Make-before-break left exactly one shunt program per interface (the old link was
         // unpinned, which detached it).
         for dev in ["toc", "tob"] {
-            let (_, progs) = aya::programs::SchedClassifier::query_tcx(
-                dev,
-                aya::programs::TcAttachType::Ingress,
-            )
-            .unwrap();
-            assert_eq!(progs.len(), 1, "{dev}");
+            assert_eq!(tcx_count_settled(dev, 1), 1, "{dev}");
         }
         // A pod appears after start: its veth is attached at the next sync.
         add_client(&lab, "d", "tod", "10.1.2").expect("second client");
@@ -394,14 +389,34 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     });
     assert!(!opts.pin_dir.exists());
     in_node(&lab, || {
-        let (_, progs) =
-            aya::programs::SchedClassifier::query_tcx("toc", aya::programs::TcAttachType::Ingress)
-                .unwrap();
-        assert!(progs.is_empty(), "cleanup detached the tc program");
+        assert_eq!(
+            tcx_count_settled("toc", 0),
+            0,
+            "cleanup detached the tc program"
+        );
     });
     assert_ne!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
     assert_ne!(
         connect_from_node(&lab, "172.30.0.10"),
         "hello 10.1.1.1 172.30.0.10"
     );
+}
+
+/// The number of tcx ingress programs on `dev`, polled (bounded: 50 x 100 ms) until it is
+/// `want`. Unpinning a link's last reference detaches it from a workqueue
+/// (bpf_link_put -> bpf_link_put_deferred), so on a loaded machine the detach can trail
+/// the unlink for a moment.
+fn tcx_count_settled(dev: &str, want: usize) -> usize {
+    let mut n = usize::MAX;
+    for _ in 0..50 {
+        let (_, progs) =
+            aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
+                .unwrap();
+        n = progs.len();
+        if n == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n
 }

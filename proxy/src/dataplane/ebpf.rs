@@ -12,12 +12,12 @@
 //! already translated).
 //!
 //! Node-originated traffic is balanced at the socket (cgroup connect4/sendmsg4/recvmsg4/
-//! getpeername4 on `cgroup_root`), pinned as `cg_<program>` links.
+//! getpeername4 on `cgroup_root`, sockets of the node's network namespace only), pinned as
+//! `cg_<program>` links; traffic to node addresses is left to tc on `lo` (masqueraded as
+//! kube-proxy does for local sources). bpffs is mounted at /sys/fs/bpf when missing.
 //!
-//! Not done yet (see the module docs of `plan::ebpf` and the issue note): IPv6, SCTP,
-//! masquerade/SNAT, following interfaces
-//! that appear after start (veth hot-plug via netlink), UDP conntrack flushing on endpoint
-//! removal.
+//! Not done yet (see ebpf/README.md): IPv6, SCTP, following interfaces that appear after
+//! start (veth hot-plug via netlink; they are picked up at the next sync).
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

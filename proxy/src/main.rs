@@ -11,6 +11,7 @@ use tracing_subscriber::EnvFilter;
 
 use shunt::config::{ConfigError, HostFacts, ProxyMode, Settings};
 use shunt::dataplane::Dataplane;
+use shunt::dataplane::ebpf::{EbpfDataplane, EbpfOptions, Interfaces};
 use shunt::dataplane::iptables::{IptablesDataplane, IptablesOptions};
 use shunt::dataplane::nftables::NftablesDataplane;
 use shunt::model::Tracker;
@@ -112,9 +113,10 @@ fn cleanup_modes(modes: &[ProxyMode]) -> anyhow::Result<()> {
                 IptablesDataplane::new(IptablesOptions::default()),
                 &mut failed,
             ),
-            // No backend exists yet for this mode, so shunt cannot have left anything.
+            // Pins and links live under the pin dir only; the cgroup is not needed to
+            // remove them (unpinning a link's last reference detaches it).
             ProxyMode::Ebpf => {
-                info!(mode = %mode, "no backend for this mode yet; nothing to clean up");
+                cleanup_one(mode, EbpfDataplane::new(ebpf_options(None)), &mut failed)
             }
         }
     }
@@ -168,10 +170,26 @@ fn run(settings: Settings) -> anyhow::Result<()> {
             .context("iptables mode: iptables is not usable")?;
             start(settings, dp)
         }
-        ProxyMode::Ebpf => bail!(
-            "proxy mode {} is not implemented yet (use --proxy-mode nftables or iptables)",
-            settings.mode
-        ),
+        ProxyMode::Ebpf => {
+            let cgroup_root = match &settings.cgroup_root {
+                Some(p) => p.clone(),
+                None => shunt::dataplane::ebpf::cgroup2_mount()
+                    .context("ebpf mode: finding the cgroup2 mount (or pass --cgroup-root)")?,
+            };
+            let dp = EbpfDataplane::new(ebpf_options(Some(cgroup_root)))
+                .context("ebpf mode: invalid options")?;
+            start(settings, dp)
+        }
+    }
+}
+
+/// ebpf mode's options: pins under /sys/fs/bpf/shunt, the tc program on every interface,
+/// the socket programs on `cgroup_root` (None: not attached, which cleanup does not need).
+fn ebpf_options(cgroup_root: Option<std::path::PathBuf>) -> EbpfOptions {
+    EbpfOptions {
+        cgroup_root: cgroup_root.unwrap_or_default(),
+        pin_dir: std::path::PathBuf::from("/sys/fs/bpf/shunt"),
+        interfaces: Interfaces::All,
     }
 }
 

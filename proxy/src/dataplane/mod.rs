@@ -2,6 +2,7 @@
 //!
 //! A backend never decides Kubernetes semantics; it asks `plan` what to do and does it.
 pub mod conntrack;
+pub mod ebpf;
 pub mod iptables;
 pub mod kube_proxy_cleanup;
 pub mod nftables;

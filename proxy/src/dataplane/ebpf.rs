@@ -1,0 +1,748 @@
+//! IMPURE: `--proxy-mode ebpf`. Loads shunt's kernel programs (built from `ebpf/` by
+//! `build.rs`), keeps their maps pinned under `pin_dir`, writes the map operations that
+//! `plan::ebpf` computes, and attaches the tc program with tcx at ingress of the node's
+//! interfaces.
+//!
+//! Restart: the maps are pinned by name (`EbpfLoader::map_pin_path`, which re-uses a pinned
+//! map when the file exists), so conntrack entries and backend ids survive a restart and
+//! established connections keep flowing; the current map content is read back and becomes
+//! the base of the next diff. tcx links are pinned too (`tcx_<ifindex>`): a restart attaches
+//! the new program first and only then unpins the old link (make-before-break; two programs
+//! in the chain share the maps, and the second finds nothing to do on a packet the first
+//! already translated).
+//!
+//! Node-originated traffic is balanced at the socket (cgroup connect4/sendmsg4/recvmsg4/
+//! getpeername4 on `cgroup_root`, sockets of the node's network namespace only), pinned as
+//! `cg_<program>` links; traffic to node addresses is left to tc on `lo` (masqueraded as
+//! kube-proxy does for local sources). bpffs is mounted at /sys/fs/bpf when missing.
+//!
+//! Not done yet (see ebpf/README.md): IPv6, SCTP, following interfaces that appear after
+//! start (veth hot-plug via netlink; they are picked up at the next sync).
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, Map, MapData};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use shunt_abi::{
+    Affinity4Key, AffinityValue, Backend4, Config4, Ct4Key, Ct4Value, RevNat4, Service4Key,
+    Service4Value, SockFwd4, SockRevNat4Key, SrcRange4, names,
+};
+
+use super::{Dataplane, DataplaneError, SyncOutcome, SyncRequest};
+use crate::model::IpFamily;
+use crate::plan::ebpf::{
+    Lpm4Ord, MapOp, SrcRange4Ord, State4, Trie, desired, diff, ids_from_maps, valid_pairs,
+};
+
+/// The kernel object built by `build.rs` (aya-build) for the bpf target.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt"));
+
+/// Name of the tc program in the object.
+pub const TC_INGRESS: &str = "shunt_tc_ingress";
+/// The cgroup/sock_addr programs (node-originated traffic), in attach order.
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    "shunt_connect4",
+    "shunt_sendmsg4",
+    "shunt_recvmsg4",
+    "shunt_getpeername4",
+];
+
+/// bpffs' magic number (include/uapi/linux/magic.h BPF_FS_MAGIC).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The compiled kernel object.
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
+/// Which interfaces get the tc program.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Interfaces {
+    /// Every interface, loopback included (the uplink, pods' host-side veths, and lo for
+    /// the node's own traffic to node addresses), re-scanned
+    /// at every sync: a veth created later is attached at the next sync (no netlink
+    /// subscription yet, so a new pod's traffic is translated from then on).
+    All,
+    /// Exactly these.
+    Named(Vec<String>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EbpfOptions {
+    /// Cgroup (v2) whose processes get socket-level load balancing (connect4, sendmsg4,
+    /// recvmsg4, getpeername4): node-originated traffic to services. Empty: not attached.
+    /// On a node this is the cgroup2 root; tests pass a cgroup they create.
+    pub cgroup_root: PathBuf,
+    /// Directory on bpffs for shunt's pins (maps and links). Default /sys/fs/bpf/shunt.
+    pub pin_dir: PathBuf,
+    pub interfaces: Interfaces,
+}
+
+impl Default for EbpfOptions {
+    fn default() -> Self {
+        EbpfOptions {
+            cgroup_root: PathBuf::new(),
+            pin_dir: PathBuf::from("/sys/fs/bpf/shunt"),
+            interfaces: Interfaces::All,
+        }
+    }
+}
+
+fn other(what: impl std::fmt::Display, e: impl std::fmt::Display) -> DataplaneError {
+    DataplaneError::Other(format!("{what}: {e}"))
+}
+
+fn io(what: impl std::fmt::Display, source: std::io::Error) -> DataplaneError {
+    DataplaneError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// Load the object. With `pin_dir`, every map is pinned there by name, re-using pins that
+/// exist (adoption after a restart); without, the maps are private to this load (tests).
+pub fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = match pin_dir {
+        Some(d) => names::ALL.iter().map(|n| (*n, d.join(n))).collect(),
+        None => Vec::new(),
+    };
+    for (n, p) in &paths {
+        loader.map_pin_path(n, p.as_path());
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|e| other("loading the eBPF object", e))?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(TC_INGRESS)
+        .ok_or_else(|| other(TC_INGRESS, "missing from the object"))?
+        .try_into()
+        .map_err(|e| other(TC_INGRESS, e))?;
+    prog.load()
+        .map_err(|e| other(format!("verifier: {TC_INGRESS}"), e))?;
+    for name in SOCK_PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| other(name, "missing from the object"))?
+            .try_into()
+            .map_err(|e| other(name, e))?;
+        prog.load()
+            .map_err(|e| other(format!("verifier: {name}"), e))?;
+    }
+    Ok(ebpf)
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map, DataplaneError> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| other(name, "map missing from the object"))
+}
+
+fn hash<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<HashMap<&'a mut MapData, K, V>, DataplaneError> {
+    HashMap::try_from(map_mut(ebpf, name)?).map_err(|e| other(name, e))
+}
+
+fn trie<'a, K: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<LpmTrie<&'a mut MapData, K, u8>, DataplaneError> {
+    LpmTrie::try_from(map_mut(ebpf, name)?).map_err(|e| other(name, e))
+}
+
+fn trie_name(t: Trie) -> &'static str {
+    match t {
+        Trie::ServiceCidr => names::SERVICE_CIDR4,
+        Trie::LocalCidr => names::LOCAL_CIDR4,
+    }
+}
+
+/// Apply map operations in order. Stops at the first failure (the maps then hold a prefix
+/// of the operations, which the ordering keeps consistent for the kernel program).
+pub fn apply_ops(ebpf: &mut Ebpf, ops: &[MapOp]) -> Result<(), DataplaneError> {
+    for op in ops {
+        let res = match op {
+            MapOp::SetConfig(c) => {
+                aya::maps::Array::<_, Config4>::try_from(map_mut(ebpf, names::CONFIG4)?)
+                    .map_err(|e| other(names::CONFIG4, e))?
+                    .set(0, c, 0)
+            }
+            MapOp::PutBackend(id, b) => {
+                hash::<u32, Backend4>(ebpf, names::BACKENDS4)?.insert(id, b, 0)
+            }
+            MapOp::DelBackend(id) => hash::<u32, Backend4>(ebpf, names::BACKENDS4)?.remove(id),
+            MapOp::PutRevNat(id, r) => hash::<u32, RevNat4>(ebpf, names::REVNAT4)?.insert(id, r, 0),
+            MapOp::DelRevNat(id) => hash::<u32, RevNat4>(ebpf, names::REVNAT4)?.remove(id),
+            MapOp::PutService(k, v) => {
+                hash::<Service4Key, Service4Value>(ebpf, names::SERVICES4)?.insert(k, v, 0)
+            }
+            MapOp::DelService(k) => {
+                hash::<Service4Key, Service4Value>(ebpf, names::SERVICES4)?.remove(k)
+            }
+            MapOp::PutClusterIp(a) => hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.insert(a, 1, 0),
+            MapOp::DelClusterIp(a) => hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.remove(a),
+            MapOp::PutSrcRange(p, r) => {
+                trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.insert(&Key::new(*p, r.abi()), 1, 0)
+            }
+            MapOp::DelSrcRange(p, r) => {
+                trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.remove(&Key::new(*p, r.abi()))
+            }
+            MapOp::PutLpm(t, c) => {
+                trie::<u32>(ebpf, trie_name(*t))?.insert(&Key::new(c.prefix_len, c.addr), 1, 0)
+            }
+            MapOp::DelLpm(t, c) => {
+                trie::<u32>(ebpf, trie_name(*t))?.remove(&Key::new(c.prefix_len, c.addr))
+            }
+        };
+        res.map_err(|e| other(format!("map write {op:?}"), e))?;
+    }
+    Ok(())
+}
+
+/// Delete kernel-owned entries naming a (service, backend) pair that is gone: affinity
+/// entries of any protocol, and UDP conntrack entries (both directions), as kube-proxy
+/// clears UDP conntrack for removed endpoints. TCP flows are left to fail or finish, as with
+/// kube-proxy; the program re-selects when their backend id no longer names their backend.
+/// Returns the number of conntrack entries deleted.
+pub fn purge_stale(ebpf: &mut Ebpf, valid: &BTreeSet<(u16, u32)>) -> Result<u64, DataplaneError> {
+    let rd = |n: &str, e: aya::maps::MapError| other(format!("reading {n}"), e);
+    let mut aff = hash::<Affinity4Key, AffinityValue>(ebpf, names::AFFINITY4)?;
+    let mut stale = Vec::new();
+    for kv in aff.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::AFFINITY4, e))?;
+        if !valid.contains(&(k.rev_nat_id, v.backend_id)) {
+            stale.push(k);
+        }
+    }
+    for k in &stale {
+        // An LRU entry may have been evicted meanwhile; that is the goal anyway.
+        let _ = aff.remove(k);
+    }
+    let mut ct = hash::<Ct4Key, Ct4Value>(ebpf, names::CT4)?;
+    let mut stale = Vec::new();
+    for kv in ct.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::CT4, e))?;
+        if k.proto == 17 && !valid.contains(&(v.rev_nat_id, v.backend_id)) {
+            stale.push(k);
+        }
+    }
+    let mut deleted = 0;
+    for k in &stale {
+        if ct.remove(k).is_ok() {
+            deleted += 1;
+        }
+    }
+    // Sockets' remembered backends (node-originated traffic) that left their service.
+    let mut fwd = hash::<SockRevNat4Key, SockFwd4>(ebpf, names::SOCK_FWD4)?;
+    let mut stale = Vec::new();
+    for kv in fwd.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::SOCK_FWD4, e))?;
+        if !valid.contains(&(v.rev_nat_id, v.backend_id)) {
+            stale.push(k);
+        }
+    }
+    for k in &stale {
+        let _ = fwd.remove(k);
+    }
+    Ok(deleted)
+}
+
+/// Read the userspace-owned maps back (after adopting pins, or after a failed write).
+pub fn read_state(ebpf: &mut Ebpf) -> Result<State4, DataplaneError> {
+    let mut st = State4::default();
+    let rd = |n: &str, e: aya::maps::MapError| other(format!("reading {n}"), e);
+    st.node_ip = aya::maps::Array::<_, Config4>::try_from(map_mut(ebpf, names::CONFIG4)?)
+        .map_err(|e| other(names::CONFIG4, e))?
+        .get(&0, 0)
+        .map_err(|e| rd(names::CONFIG4, e))?
+        .node_ip;
+    for kv in hash::<Service4Key, Service4Value>(ebpf, names::SERVICES4)?.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::SERVICES4, e))?;
+        st.services.insert(k, v);
+    }
+    for kv in hash::<u32, Backend4>(ebpf, names::BACKENDS4)?.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::BACKENDS4, e))?;
+        st.backends.insert(k, v);
+    }
+    for kv in hash::<u32, RevNat4>(ebpf, names::REVNAT4)?.iter() {
+        let (k, v) = kv.map_err(|e| rd(names::REVNAT4, e))?;
+        st.rev_nat.insert(k, v);
+    }
+    for k in hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.keys() {
+        st.cluster_ips
+            .insert(k.map_err(|e| rd(names::CLUSTER_IP4, e))?);
+    }
+    for k in trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.keys() {
+        let k = k.map_err(|e| rd(names::SRC_RANGE4, e))?;
+        let d = k.data();
+        st.src_ranges.insert((
+            k.prefix_len(),
+            SrcRange4Ord {
+                rev_nat_id: d.rev_nat_id,
+                addr: d.addr,
+            },
+        ));
+    }
+    for (t, set) in [
+        (Trie::ServiceCidr, &mut st.service_cidrs),
+        (Trie::LocalCidr, &mut st.local_cidrs),
+    ] {
+        for k in trie::<u32>(ebpf, trie_name(t))?.keys() {
+            let k = k.map_err(|e| rd(trie_name(t), e))?;
+            set.insert(Lpm4Ord {
+                prefix_len: k.prefix_len(),
+                addr: k.data(),
+            });
+        }
+    }
+    ids_from_maps(&mut st);
+    Ok(st)
+}
+
+/// statfs(2) f_type of `dir` (nix's `statfs` needs its `fs` feature; libc is enough).
+fn fs_magic(dir: &Path) -> Result<i64, DataplaneError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let what = || format!("statfs {}", dir.display());
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|e| other(what(), e))?;
+    let mut buf = std::mem::MaybeUninit::<nix::libc::statfs>::zeroed();
+    // SAFETY: valid NUL-terminated path and a properly sized out buffer.
+    let rc = unsafe { nix::libc::statfs(c.as_ptr(), buf.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io(what(), std::io::Error::last_os_error()));
+    }
+    // SAFETY: statfs returned 0, so it filled the buffer.
+    // f_type is __fsword_t: i64 on x86_64, narrower on some architectures.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(unsafe { buf.assume_init() }.f_type as i64)
+}
+
+/// The cookie of this process' network namespace (SO_NETNS_COOKIE, kernel >= 5.14), the
+/// value bpf_get_netns_cookie gives the socket programs for the node's own sockets.
+fn netns_cookie() -> Result<u64, DataplaneError> {
+    use std::os::fd::AsRawFd as _;
+    // Unbound: a fresh namespace may not even have lo up.
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| io("a socket to read SO_NETNS_COOKIE", e.into()))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: valid socket fd, out buffer and its length.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            sock.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io(
+            "getsockopt SO_NETNS_COOKIE",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(cookie)
+}
+
+/// The loopback device's ifindex in every network namespace (LOOPBACK_IFINDEX).
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// net.ipv4.conf.lo.accept_local=1 in this network namespace. The node's own masqueraded
+/// flows to a node address (a NodePort) get their replies back through loopback ingress
+/// with the frontend, a local address, as source. A packet the stack itself loops back
+/// carries its route and is never checked, but one redirected there by BPF has none, and
+/// fib_validate_source refuses a local source unless accept_local (iptables' conntrack
+/// does this reverse NAT after routing, at LOCAL_IN, so it never needs it). Only loopback:
+/// no other interface is affected; kube-proxy likewise sets the sysctls its mode needs
+/// (route_localnet) and leaves them on exit.
+fn allow_local_source_on_lo() -> Result<(), DataplaneError> {
+    const PATH: &str = "/proc/sys/net/ipv4/conf/lo/accept_local";
+    match std::fs::read_to_string(PATH) {
+        Ok(v) if v.trim() == "1" => Ok(()),
+        _ => std::fs::write(PATH, "1").map_err(|e| io(format!("writing {PATH}"), e)),
+    }
+}
+
+/// Where a node (and a DaemonSet's hostPath) finds bpffs.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// Mount bpffs at `/sys/fs/bpf` when `pin_dir` lies under it and it is not a bpffs yet.
+/// `ip netns exec` remounts /sys in a private mount namespace, and some hosts never mount
+/// bpffs at all; a DaemonSet would find it mounted there (systemd and kubelet hosts do), so
+/// shunt mounts it the same way. Returns whether it mounted.
+fn ensure_bpffs(pin_dir: &Path) -> Result<bool, DataplaneError> {
+    let mnt = Path::new(BPFFS_MOUNT);
+    if !pin_dir.starts_with(mnt) || fs_magic(mnt)? == BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    // Mode 0700 as systemd mounts it (mount-setup.c): pins are only for root.
+    nix::mount::mount(
+        Some("bpf"),
+        mnt,
+        Some("bpf"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        Some("mode=0700"),
+    )
+    .map_err(|e| io(format!("mounting bpffs at {BPFFS_MOUNT}"), e.into()))?;
+    tracing::info!("mounted bpffs at {BPFFS_MOUNT}");
+    Ok(true)
+}
+
+/// The first cgroup2 mount point in a /proc/self/mountinfo text (proc(5): fields up to the
+/// ` - ` separator, then the filesystem type). A mount point with a space is octal-escaped
+/// (`\040`) there.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mp = pre.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mp)))
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The host's cgroup2 mount (the unified hierarchy: /sys/fs/cgroup on a cgroup-v2 host,
+/// /sys/fs/cgroup/unified in hybrid mode), read from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Result<PathBuf, DataplaneError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| io("reading /proc/self/mountinfo", e))?;
+    cgroup2_mount_in(&text).ok_or_else(|| other("/proc/self/mountinfo", "no cgroup2 mount"))
+}
+
+/// Pin a freshly attached link at `tmp`, then unpin (detach) the link of a previous run at
+/// `fin`, then move the new pin to `fin`: make-before-break across restarts.
+fn replace_link(link: FdLink, tmp: &Path, fin: &Path) -> Result<(), DataplaneError> {
+    let _ = std::fs::remove_file(tmp);
+    link.pin(tmp).map_err(|e| {
+        other(
+            format!("pinning a link at {}", tmp.display()),
+            std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string()),
+        )
+    })?;
+    if fin.exists() {
+        let old = PinnedLink::from_pin(fin)
+            .map_err(|e| other(format!("adopting {}", fin.display()), e))?;
+        drop(
+            old.unpin()
+                .map_err(|e| io(format!("unpinning {}", fin.display()), e))?,
+        );
+    }
+    std::fs::rename(tmp, fin).map_err(|e| io(format!("renaming {}", tmp.display()), e))
+}
+
+/// Loaded programs, adopted maps and the state last written.
+struct Loaded {
+    ebpf: Ebpf,
+    state: State4,
+    /// ifindexes the tc program is attached to by this instance.
+    attached: BTreeSet<u32>,
+}
+
+/// The eBPF backend. Creating it touches nothing; the first `sync` loads and attaches.
+pub struct EbpfDataplane {
+    opts: EbpfOptions,
+    loaded: Option<Loaded>,
+    warned_v6: bool,
+}
+
+impl EbpfDataplane {
+    pub fn new(opts: EbpfOptions) -> Result<Self, DataplaneError> {
+        if opts.pin_dir.as_os_str().is_empty() {
+            return Err(other("pin_dir", "empty path"));
+        }
+        Ok(EbpfDataplane {
+            opts,
+            loaded: None,
+            warned_v6: false,
+        })
+    }
+
+    /// Link pins are named by ifindex: bpffs refuses names with a dot (bpf_lookup in
+    /// kernel/bpf/inode.c), which interface names like `eth0.100` have.
+    fn link_pin(&self, ifindex: u32, new: bool) -> PathBuf {
+        let prefix = if new { "tcxnew_" } else { "tcx_" };
+        self.opts.pin_dir.join(format!("{prefix}{ifindex}"))
+    }
+
+    fn interfaces(&self) -> Result<Vec<String>, DataplaneError> {
+        match &self.opts.interfaces {
+            Interfaces::Named(v) => Ok(v.clone()),
+            Interfaces::All => {
+                let all = nix::net::if_::if_nameindex()
+                    .map_err(|e| io("listing interfaces", e.into()))?;
+                // Loopback included: the node's own traffic to its node addresses
+                // (NodePorts) is translated there, so it can be masqueraded.
+                Ok(all
+                    .iter()
+                    .map(|i| i.name().to_string_lossy().into_owned())
+                    .collect())
+            }
+        }
+    }
+
+    fn start(&mut self) -> Result<Loaded, DataplaneError> {
+        let dir = &self.opts.pin_dir;
+        ensure_bpffs(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| io(format!("creating {}", dir.display()), e))?;
+        if fs_magic(dir)? != BPF_FS_MAGIC {
+            return Err(other(
+                format!("pin_dir {}", dir.display()),
+                "not on a bpffs (mount -t bpf bpf /sys/fs/bpf)",
+            ));
+        }
+        let mut ebpf = load_object(Some(dir))?;
+        let state = read_state(&mut ebpf)?;
+        let cookie = netns_cookie()?;
+        aya::maps::Array::<_, u64>::try_from(map_mut(&mut ebpf, names::HOST_NETNS)?)
+            .map_err(|e| other(names::HOST_NETNS, e))?
+            .set(shunt_abi::host_ns::COOKIE, cookie, 0)
+            .map_err(|e| other(names::HOST_NETNS, e))?;
+        if !self.opts.cgroup_root.as_os_str().is_empty() {
+            let cg = &self.opts.cgroup_root;
+            let cgf = std::fs::File::open(cg)
+                .map_err(|e| io(format!("opening cgroup {}", cg.display()), e))?;
+            for name in SOCK_PROGRAMS {
+                let prog: &mut CgroupSockAddr = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| other(name, "missing"))?
+                    .try_into()
+                    .map_err(|e| other(name, e))?;
+                // aya attaches with bpf_link_create (kernel >= 5.7); a cgroup link takes no
+                // flags (cgroup_bpf_link_attach rejects any) and always coexists with other
+                // links, so the previous run's program stays attached next to the new one
+                // until replace_link unpins it. `Single` is the flag-less mode.
+                let id = prog
+                    .attach(&cgf, CgroupAttachMode::Single)
+                    .map_err(|e| other(format!("attaching {name} to {}", cg.display()), e))?;
+                let link: FdLink = prog
+                    .take_link(id)
+                    .map_err(|e| other(name, e))?
+                    .try_into()
+                    .map_err(|e| other(name, e))?;
+                replace_link(
+                    link,
+                    &self.opts.pin_dir.join(format!("cgnew_{name}")),
+                    &self.opts.pin_dir.join(format!("cg_{name}")),
+                )?;
+            }
+        }
+        let mut loaded = Loaded {
+            ebpf,
+            state,
+            attached: BTreeSet::new(),
+        };
+        self.attach_interfaces(&mut loaded)?;
+        Ok(loaded)
+    }
+
+    /// Attach the tc program to every wanted interface it is not attached to yet, and drop
+    /// link pins of interfaces that no longer exist (their links died with the device).
+    fn attach_interfaces(&self, l: &mut Loaded) -> Result<(), DataplaneError> {
+        let ifaces = self.interfaces()?;
+        let prog: &mut SchedClassifier = l
+            .ebpf
+            .program_mut(TC_INGRESS)
+            .ok_or_else(|| other(TC_INGRESS, "missing"))?
+            .try_into()
+            .map_err(|e| other(TC_INGRESS, e))?;
+        let mut present = BTreeSet::new();
+        for ifname in &ifaces {
+            let Ok(ifindex) = nix::net::if_::if_nametoindex(ifname.as_str()) else {
+                // Gone between listing and now (a pod being deleted); a Named interface
+                // that does not exist is an error.
+                if matches!(self.opts.interfaces, Interfaces::Named(_)) {
+                    return Err(other(format!("interface {ifname}"), "does not exist"));
+                }
+                continue;
+            };
+            present.insert(ifindex);
+            if l.attached.contains(&ifindex) {
+                continue;
+            }
+            let id = prog
+                .attach(ifname, TcAttachType::Ingress)
+                .map_err(|e| other(format!("attaching {TC_INGRESS} to {ifname} ingress"), e))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| other(ifname, e))?
+                .try_into()
+                .map_err(|e| other(ifname, e))?;
+            replace_link(
+                link,
+                &self.link_pin(ifindex, true),
+                &self.link_pin(ifindex, false),
+            )?;
+            l.attached.insert(ifindex);
+        }
+        l.attached.retain(|i| present.contains(i));
+        if l.attached.contains(&LOOPBACK_IFINDEX) {
+            allow_local_source_on_lo()?;
+        }
+        // Tell the socket programs whether loopback is covered (else they must balance
+        // node-originated traffic to node addresses themselves).
+        let on_lo = u64::from(l.attached.contains(&LOOPBACK_IFINDEX));
+        aya::maps::Array::<_, u64>::try_from(map_mut(&mut l.ebpf, names::HOST_NETNS)?)
+            .map_err(|e| other(names::HOST_NETNS, e))?
+            .set(shunt_abi::host_ns::LOOPBACK, on_lo, 0)
+            .map_err(|e| other(names::HOST_NETNS, e))?;
+        let dir = &self.opts.pin_dir;
+        let entries =
+            std::fs::read_dir(dir).map_err(|e| io(format!("reading {}", dir.display()), e))?;
+        for ent in entries.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if let Some(idx) = name
+                .strip_prefix("tcx_")
+                .and_then(|i| i.parse::<u32>().ok())
+                && !present.contains(&idx)
+                && nix::net::if_::if_indextoname(idx).is_err()
+            {
+                let _ = std::fs::remove_file(ent.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn local_addrs() -> Result<Vec<IpAddr>, DataplaneError> {
+        let mut out = BTreeSet::new();
+        for a in nix::ifaddrs::getifaddrs().map_err(|e| io("getifaddrs", e.into()))? {
+            if let Some(s) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+                out.insert(IpAddr::V4(s.ip()));
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+impl Dataplane for EbpfDataplane {
+    fn mode(&self) -> &'static str {
+        "ebpf"
+    }
+
+    fn sync(&mut self, request: SyncRequest<'_>) -> Result<SyncOutcome, DataplaneError> {
+        match self.loaded.take() {
+            None => self.loaded = Some(self.start()?),
+            Some(mut l) => {
+                let res = self.attach_interfaces(&mut l);
+                self.loaded = Some(l);
+                res?;
+            }
+        }
+        let local = Self::local_addrs()?;
+        let mut outcome = SyncOutcome {
+            full: true,
+            ..Default::default()
+        };
+        for snap in request.snapshots {
+            if snap.network.family == IpFamily::V6 {
+                if !self.warned_v6 {
+                    tracing::warn!("ebpf mode does not program IPv6 yet; IPv6 services skipped");
+                    self.warned_v6 = true;
+                }
+                continue;
+            }
+            let Some(l) = self.loaded.as_mut() else {
+                return Err(other("ebpf", "not loaded"));
+            };
+            let want = desired(snap, &local, &l.state).map_err(|e| other("planning", e))?;
+            let ops = diff(&l.state, &want);
+            if let Err(e) = apply_ops(&mut l.ebpf, &ops) {
+                // Re-base on what the kernel holds, so the next sync diffs correctly.
+                l.state = read_state(&mut l.ebpf)?;
+                return Err(e);
+            }
+            if ops
+                .iter()
+                .any(|o| matches!(o, MapOp::PutService(..) | MapOp::DelService(_)))
+            {
+                outcome.conntrack_deleted += purge_stale(&mut l.ebpf, &valid_pairs(&want))?;
+            }
+            outcome.rules_total = vec![
+                ("services4".into(), want.services.len() as u64),
+                ("backends4".into(), want.backends.len() as u64),
+            ];
+            l.state = want;
+        }
+        Ok(outcome)
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        self.loaded = None;
+        let dir = &self.opts.pin_dir;
+        // Not on a bpffs (e.g. /sys/fs/bpf unmounted, or /sys remounted by `ip netns exec`):
+        // nothing of ours can be pinned here. Every bpffs mount is a new, empty instance
+        // (bpf_get_tree uses get_tree_nodev), so mounting one to look would find nothing;
+        // and pins made in a private mount namespace died with it, detaching their links.
+        match fs_magic(dir) {
+            Ok(m) if m == BPF_FS_MAGIC => {}
+            Ok(_) => return Ok(()),
+            Err(DataplaneError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(format!("reading {}", dir.display()), e)),
+        };
+        for ent in entries {
+            let ent = ent.map_err(|e| io(format!("reading {}", dir.display()), e))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            // Only what we pin: our map names and our link pins. Removing a link's last pin
+            // (no fd open any more) detaches it.
+            if names::ALL.contains(&name.as_str())
+                || name.starts_with("tcx")
+                || name.starts_with("cg")
+            {
+                std::fs::remove_file(ent.path())
+                    .map_err(|e| io(format!("removing {}", ent.path().display()), e))?;
+            }
+        }
+        match std::fs::remove_dir(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            // Something not ours is left there: keep it.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => Ok(()),
+            Err(e) => Err(io(format!("removing {}", dir.display()), e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod netns_tests;
+#[cfg(test)]
+mod tests;

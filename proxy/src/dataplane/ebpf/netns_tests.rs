@@ -1,0 +1,422 @@
+//! End to end in network namespaces the test creates (and always deletes): a client netns, a
+//! backend netns and a "node" netns routing between them, with `EbpfDataplane` attached at
+//! tcx ingress of the node's two veths and its maps pinned on a private bpffs mount. Real TCP
+//! connections to a ClusterIP, a reject, adoption of pins by a second instance, and cleanup.
+//! Tx checksum offload is off on the veths so that a wrong checksum is not hidden.
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::*;
+use crate::dataplane::{Changed, Dataplane, SyncRequest};
+use crate::model::Snapshot;
+use crate::plan::ebpf::tests::{ep, snap, svc};
+
+fn sh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deletes the namespaces and unmounts the bpffs on drop, also when an assertion failed.
+struct Lab {
+    tag: String,
+    bpffs: PathBuf,
+    cgroup: PathBuf,
+    servers: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for s in &mut self.servers {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        for ns in ["c", "n", "b", "d", "e"] {
+            let _ = sh(&["ip", "netns", "del", &format!("{}{ns}", self.tag)]);
+        }
+        // The cgroup's processes have exited by now (each client runs to completion).
+        let _ = std::fs::remove_dir(&self.cgroup);
+        let _ = nix::mount::umount2(&self.bpffs, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.bpffs);
+    }
+}
+
+impl Lab {
+    fn ns(&self, n: &str) -> String {
+        format!("{}{n}", self.tag)
+    }
+    fn exec(&self, n: &str, args: &[&str]) -> Result<String, String> {
+        let ns = self.ns(n);
+        let mut v = vec!["ip", "netns", "exec", ns.as_str()];
+        v.extend_from_slice(args);
+        sh(&v)
+    }
+}
+
+fn setup() -> Result<Lab, String> {
+    let tag = format!("shebpf{}", std::process::id() % 100_000);
+    let bpffs = std::env::temp_dir().join(format!("{tag}-bpffs"));
+    let lab = Lab {
+        cgroup: PathBuf::from(CGROUP2).join(format!("{tag}-cg")),
+        tag,
+        bpffs,
+        servers: Vec::new(),
+    };
+    std::fs::create_dir_all(&lab.bpffs).map_err(|e| e.to_string())?;
+    std::fs::create_dir(&lab.cgroup).map_err(|e| format!("{}: {e}", lab.cgroup.display()))?;
+    sh(&["mount", "-t", "bpf", "bpf", lab.bpffs.to_str().unwrap()])?;
+    for n in ["c", "n", "b"] {
+        sh(&["ip", "netns", "add", &lab.ns(n)])?;
+        lab.exec(n, &["ip", "link", "set", "lo", "up"])?;
+    }
+    let (c, n, b) = (lab.ns("c"), lab.ns("n"), lab.ns("b"));
+    sh(&[
+        "ip", "-n", &n, "link", "add", "toc", "type", "veth", "peer", "eth0", "netns", &c,
+    ])?;
+    sh(&[
+        "ip", "-n", &n, "link", "add", "tob", "type", "veth", "peer", "eth0", "netns", &b,
+    ])?;
+    for (ns, dev, addr) in [
+        ("n", "toc", "10.1.0.1/24"),
+        ("n", "tob", "10.1.1.1/24"),
+        ("c", "eth0", "10.1.0.9/24"),
+        ("b", "eth0", "10.1.1.2/24"),
+    ] {
+        lab.exec(ns, &["ip", "addr", "add", addr, "dev", dev])?;
+        lab.exec(ns, &["ip", "link", "set", dev, "up"])?;
+        lab.exec(ns, &["ethtool", "-K", dev, "tx", "off"])?;
+    }
+    lab.exec("c", &["ip", "route", "add", "default", "via", "10.1.0.1"])?;
+    lab.exec("b", &["ip", "route", "add", "default", "via", "10.1.1.1"])?;
+    lab.exec("n", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    Ok(lab)
+}
+
+/// Run `f` on a thread that has entered the node namespace (setns affects one thread only).
+fn in_node<T: Send>(lab: &Lab, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{}", lab.ns("n"));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd = std::fs::File::open(&path).expect("netns file");
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("node thread")
+    })
+}
+
+const SERVER: &str = "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8080))\ns.listen(16)\ns.settimeout(30)\nwhile True:\n  c,a=s.accept()\n  c.sendall(('hello '+a[0]).encode())\n  c.close()\n";
+
+/// A client netns `ns` behind node veth `dev`, addressed `<net>.9/24`, gateway `<net>.1`.
+fn add_client(lab: &Lab, ns: &str, dev: &str, net: &str) -> Result<(), String> {
+    let (full, node) = (lab.ns(ns), lab.ns("n"));
+    sh(&["ip", "netns", "add", &full])?;
+    sh(&[
+        "ip", "-n", &node, "link", "add", dev, "type", "veth", "peer", "eth0", "netns", &full,
+    ])?;
+    for (n, d, a) in [
+        ("n", dev, format!("{net}.1/24")),
+        (ns, "eth0", format!("{net}.9/24")),
+    ] {
+        lab.exec(n, &["ip", "addr", "add", &a, "dev", d])?;
+        lab.exec(n, &["ip", "link", "set", d, "up"])?;
+        lab.exec(n, &["ethtool", "-K", d, "tx", "off"])?;
+    }
+    lab.exec(
+        ns,
+        &["ip", "route", "add", "default", "via", &format!("{net}.1")],
+    )?;
+    Ok(())
+}
+
+const UDP_SERVER: &str = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('0.0.0.0',8080))\ns.settimeout(30)\nwhile True:\n  d,a=s.recvfrom(100)\n  s.sendto(('echo '+a[0]).encode(),a)\n";
+
+/// One UDP exchange with `addr`:80 (unconnected socket): "<answer> <answer's source>".
+const UDP_CLIENT: &str = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ntry:\n  s.sendto(b'hi',(sys.argv[1],80))\n  d,a=s.recvfrom(100)\n  print(d.decode(),a[0])\nexcept Exception as e:\n  print(type(e).__name__)\n";
+
+fn udp_in(lab: &Lab, ns: &str, addr: &str) -> String {
+    lab.exec(ns, &["python3", "-c", UDP_CLIENT, addr])
+        .unwrap_or_else(|e| e)
+        .trim()
+        .to_string()
+}
+
+fn udp_from_node(lab: &Lab, addr: &str) -> String {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\" {addr}",
+        lab.cgroup.display(),
+        lab.ns("n")
+    );
+    sh(&["sh", "-c", &script, UDP_CLIENT])
+        .unwrap_or_else(|e| e)
+        .trim()
+        .to_string()
+}
+
+/// Connect from the client netns; "hello <client ip>" or the error's name.
+fn connect(lab: &Lab, addr: &str) -> String {
+    connect_in(lab, "c", addr)
+}
+
+fn connect_in(lab: &Lab, ns: &str, addr: &str) -> String {
+    connect_port(lab, ns, addr, 80)
+}
+
+fn connect_port(lab: &Lab, ns: &str, addr: &str, port: u16) -> String {
+    let prog = format!(
+        "import socket\ntry:\n  s=socket.create_connection(('{addr}',{port}),timeout=3)\n  print(s.recv(100).decode())\nexcept Exception as e:\n  print(type(e).__name__)\n"
+    );
+    lab.exec(ns, &["python3", "-c", &prog])
+        .unwrap_or_else(|e| e)
+        .trim()
+        .to_string()
+}
+
+/// Where this machine mounts cgroup v2 (a child cgroup is created there, never the root used).
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+/// Connect from a process in the node netns that sits in the test cgroup: "<answer> <peer>".
+fn connect_from_node(lab: &Lab, addr: &str) -> String {
+    let prog = format!(
+        "import socket\ntry:\n  s=socket.create_connection(('{addr}',80),timeout=3)\n  print(s.recv(100).decode(), s.getpeername()[0])\nexcept Exception as e:\n  print(type(e).__name__)\n"
+    );
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\"",
+        lab.cgroup.display(),
+        lab.ns("n")
+    );
+    sh(&["sh", "-c", &script, &prog])
+        .unwrap_or_else(|e| e)
+        .trim()
+        .to_string()
+}
+
+fn sync(dp: &mut EbpfDataplane, s: &Snapshot) {
+    dp.sync(SyncRequest {
+        snapshots: std::slice::from_ref(s),
+        changed: &Changed::All,
+    })
+    .expect("sync");
+}
+
+#[test]
+fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for netns, bpffs and tcx");
+        return;
+    }
+    if !std::path::Path::new(CGROUP2).join("cgroup.procs").exists() {
+        eprintln!("skipped: no cgroup v2 at {CGROUP2}");
+        return;
+    }
+    for tool in ["ip", "ethtool", "python3", "mount"] {
+        if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+            eprintln!("skipped: {tool} missing");
+            return;
+        }
+    }
+    let mut lab = match setup() {
+        Ok(l) => l,
+        Err(e) => panic!("lab setup: {e}"),
+    };
+    let b = lab.ns("b");
+    for prog in [SERVER, UDP_SERVER] {
+        lab.servers.push(
+            Command::new("ip")
+                .args(["netns", "exec", &b, "python3", "-c", prog])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("server"),
+        );
+    }
+    // Bounded wait for the listeners.
+    for _ in 0..50 {
+        if lab
+            .exec("b", &["ss", "-Hltun", "sport = :8080"])
+            .is_ok_and(|o| o.lines().count() >= 2)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let opts = EbpfOptions {
+        cgroup_root: lab.cgroup.clone(),
+        pin_dir: lab.bpffs.join("shunt"),
+        interfaces: Interfaces::All,
+    };
+    let mut web = svc("web", "172.30.0.10", vec![ep("10.1.1.2", false)]);
+    web.port.node_port = Some(30080);
+    let mut dns = svc("dns", "172.30.0.12", vec![ep("10.1.1.2", false)]);
+    dns.port.name.protocol = crate::model::Protocol::Udp;
+    // A service whose only endpoint is the client pod itself (hairpin).
+    let hairpin = svc("self", "172.30.0.13", vec![ep("10.1.0.9", false)]);
+    let mut s = snap(vec![web, svc("empty", "172.30.0.11", vec![]), dns, hairpin]);
+    // The node's address towards the clients is its primary IP and NodePort address.
+    s.network.primary_ip = Some("10.1.0.1".parse().unwrap());
+    s.network.node_port_ips =
+        crate::model::NodePortIps::Addresses(vec!["10.1.0.1".parse().unwrap()]);
+
+    // Without shunt the ClusterIP leads nowhere.
+    assert_ne!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
+
+    in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        sync(&mut dp, &s);
+        // Dropping the instance leaves pins and links (SIGTERM semantics).
+    });
+    // The backend sees the client's own address (no masquerade for pod traffic), and the
+    // client sees the answer coming from the ClusterIP (connect() would fail otherwise).
+    assert_eq!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
+    assert_eq!(
+        connect(&lab, "172.30.0.11"),
+        "ConnectionRefusedError",
+        "RST from the program"
+    );
+    // Node-originated: connect4 picks the backend (the node's source address on that link),
+    // getpeername4 still shows the ClusterIP; no endpoints: ECONNREFUSED at connect().
+    assert_eq!(
+        connect_from_node(&lab, "172.30.0.10"),
+        "hello 10.1.1.1 172.30.0.10"
+    );
+    assert_eq!(
+        connect_from_node(&lab, "172.30.0.11"),
+        "ConnectionRefusedError"
+    );
+    // UDP: a pod through the tc program, the node through sendmsg4/recvmsg4; both see the
+    // answer coming from the ClusterIP.
+    assert_eq!(
+        udp_in(&lab, "c", "172.30.0.12"),
+        "echo 10.1.0.9 172.30.0.12"
+    );
+    assert_eq!(
+        udp_from_node(&lab, "172.30.0.12"),
+        "echo 10.1.1.1 172.30.0.12"
+    );
+    for name in shunt_abi::names::ALL {
+        assert!(opts.pin_dir.join(name).exists(), "{name} pinned");
+    }
+    let toc = lab
+        .exec("n", &["cat", "/sys/class/net/toc/ifindex"])
+        .unwrap();
+    assert!(opts.pin_dir.join(format!("tcx_{}", toc.trim())).exists());
+    for name in SOCK_PROGRAMS {
+        assert!(
+            opts.pin_dir.join(format!("cg_{name}")).exists(),
+            "{name} link pinned"
+        );
+    }
+
+    // A second instance adopts the pins and replaces the links; traffic keeps working.
+    in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        sync(&mut dp, &s);
+        let st = read_state(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
+        assert_eq!(st.services.len(), 9, "adopted maps hold exactly the plan");
+        // Make-before-break left exactly one shunt program per interface (the old link was
+        // unpinned, which detached it).
+        for dev in ["toc", "tob"] {
+            assert_eq!(tcx_count_settled(dev, 1), 1, "{dev}");
+        }
+        // A pod appears after start: its veth is attached at the next sync.
+        add_client(&lab, "d", "tod", "10.1.2").expect("second client");
+        sync(&mut dp, &s);
+    });
+    assert_eq!(connect_in(&lab, "d", "172.30.0.10"), "hello 10.1.2.9");
+
+    // An off-cluster client (outside 10.0.0.0/8) on the NodePort of a Cluster-policy
+    // service: masqueraded to the node IP, so the backend answers the node, whose reply
+    // translation hands the answer back to the client.
+    in_node(&lab, || {
+        add_client(&lab, "e", "toe", "172.16.5").expect("outside client")
+    });
+    let mut dp = in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        sync(&mut dp, &s);
+        dp
+    });
+    let got = connect_port(&lab, "e", "10.1.0.1", 30080);
+    let stats: aya::maps::PerCpuArray<_, shunt_abi::Counter> = aya::maps::PerCpuArray::try_from(
+        dp.loaded
+            .as_mut()
+            .unwrap()
+            .ebpf
+            .map(shunt_abi::names::STATS)
+            .unwrap(),
+    )
+    .unwrap();
+    let sums: Vec<u64> = (0..shunt_abi::stat::COUNT)
+        .map(|i| stats.get(&i, 0).unwrap().iter().map(|c| c.packets).sum())
+        .collect();
+    assert_eq!(got, "hello 10.1.0.1", "stats {sums:?}");
+    // A pod client on the same NodePort keeps its address.
+    assert_eq!(connect_port(&lab, "c", "10.1.0.1", 30080), "hello 10.1.0.9");
+    // Hairpin: the client reaches itself through the service, masqueraded to the node IP
+    // (otherwise it would receive a packet from its own address and drop it).
+    let c = lab.ns("c");
+    lab.servers.push(
+        Command::new("ip")
+            .args(["netns", "exec", &c, "python3", "-c", SERVER])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("server in c"),
+    );
+    for _ in 0..50 {
+        if lab
+            .exec("c", &["ss", "-Hltn", "sport = :8080"])
+            .is_ok_and(|o| !o.trim().is_empty())
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(connect(&lab, "172.30.0.13"), "hello 10.1.0.1");
+    assert_eq!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
+
+    // --cleanup: pins removed, links gone, the ClusterIP leads nowhere again.
+    in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        dp.cleanup().unwrap();
+    });
+    assert!(!opts.pin_dir.exists());
+    in_node(&lab, || {
+        assert_eq!(
+            tcx_count_settled("toc", 0),
+            0,
+            "cleanup detached the tc program"
+        );
+    });
+    assert_ne!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
+    assert_ne!(
+        connect_from_node(&lab, "172.30.0.10"),
+        "hello 10.1.1.1 172.30.0.10"
+    );
+}
+
+/// The number of tcx ingress programs on `dev`, polled (bounded: 50 x 100 ms) until it is
+/// `want`. Unpinning a link's last reference detaches it from a workqueue
+/// (bpf_link_put -> bpf_link_put_deferred), so on a loaded machine the detach can trail
+/// the unlink for a moment.
+fn tcx_count_settled(dev: &str, want: usize) -> usize {
+    let mut n = usize::MAX;
+    for _ in 0..50 {
+        let (_, progs) =
+            aya::programs::SchedClassifier::query_tcx(dev, aya::programs::TcAttachType::Ingress)
+                .unwrap();
+        n = progs.len();
+        if n == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n
+}

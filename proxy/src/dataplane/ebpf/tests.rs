@@ -1,0 +1,574 @@
+//! BPF_PROG_TEST_RUN fixtures: real packets through the verified tc program with map state
+//! written by the real plan, checked field by field and with checksums recomputed from
+//! scratch. Need root (CAP_BPF/CAP_SYS_ADMIN); they skip, saying why, otherwise.
+use std::collections::BTreeSet;
+
+use aya::Ebpf;
+use aya::maps::HashMap;
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use shunt_abi::{Ct4Key, Ct4Value, ct_dir, names};
+
+use super::*;
+use crate::model::Snapshot;
+use crate::plan::ebpf::tests::{ep, ip, snap, svc};
+
+const TCX_NEXT: u32 = -1i32 as u32;
+const TCX_DROP: u32 = 2;
+/// bpf_redirect's return value (TC_ACT_REDIRECT == TCX_REDIRECT).
+const TCX_REDIRECT: u32 = 7;
+
+const CLIENT: [u8; 4] = [10, 1, 0, 9];
+const OUTSIDE: [u8; 4] = [8, 8, 4, 4];
+const VIP: [u8; 4] = [172, 30, 0, 10];
+const NODE: [u8; 4] = [192, 168, 0, 2];
+
+fn root() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: BPF_PROG_TEST_RUN needs root");
+        return false;
+    }
+    true
+}
+
+/// Load the object privately (no pins) and write the plan for `s`. No node IP is
+/// configured, so nothing is masqueraded: masquerading ends in a FIB lookup in the caller's
+/// network namespace, which the netns test exercises instead.
+fn setup(s: &Snapshot) -> Ebpf {
+    let mut ebpf = load_object(None).expect("load + verify");
+    let mut s = s.clone();
+    s.network.primary_ip = None;
+    let st = desired(&s, &[], &State4::default()).expect("plan");
+    apply_ops(&mut ebpf, &diff(&State4::default(), &st)).expect("apply");
+    ebpf
+}
+
+fn run(ebpf: &mut Ebpf, pkt: &[u8]) -> (u32, Vec<u8>) {
+    let prog: &mut SchedClassifier = ebpf.program_mut(TC_INGRESS).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; 512];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(pkt);
+    opts.data_out = Some(&mut out);
+    let r = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn sum(b: &[u8], mut acc: u32) -> u32 {
+    for c in b.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+/// Ethernet + IPv4 (no options) + TCP (20 bytes) or UDP, with correct checksums.
+fn packet(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
+    let payload = b"hello";
+    let l4_len = if proto == TCP { 20 } else { 8 } + payload.len();
+    let mut p = vec![0u8; 14 + 20 + l4_len];
+    p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut p[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = fold(sum(ip, 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let l4 = &mut p[34..];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        l4[8..12].copy_from_slice(&if flags & ACK != 0 { 5000u32 } else { 0 }.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = flags;
+        l4[14..16].copy_from_slice(&1024u16.to_be_bytes());
+        l4[20..].copy_from_slice(payload);
+    } else {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        l4[8..].copy_from_slice(payload);
+    }
+    let csum = l4_csum(&p);
+    let off = 34 + if proto == TCP { 16 } else { 6 };
+    let csum = if proto == UDP && csum == 0 {
+        0xffff
+    } else {
+        csum
+    };
+    p[off..off + 2].copy_from_slice(&csum.to_be_bytes());
+    p
+}
+
+/// The L4 checksum of `p` computed from scratch with the checksum field taken as zero.
+fn l4_csum(p: &[u8]) -> u16 {
+    let proto = p[23];
+    let tot = usize::from(u16::from_be_bytes([p[16], p[17]]));
+    let mut l4 = p[34..14 + tot].to_vec();
+    let off = match proto {
+        TCP => 16,
+        UDP => 6,
+        _ => 2,
+    };
+    l4[off] = 0;
+    l4[off + 1] = 0;
+    let mut acc = 0;
+    if proto != 1 {
+        acc = sum(&p[26..34], 0) + u32::from(proto) + l4.len() as u32;
+    }
+    fold(sum(&l4, acc))
+}
+
+fn assert_checksums(p: &[u8]) {
+    assert_eq!(
+        fold(sum(&p[14..34], 0)),
+        0,
+        "IPv4 header checksum of {p:02x?}"
+    );
+    let proto = p[23];
+    let off = 34
+        + match proto {
+            TCP => 16,
+            UDP => 6,
+            _ => 2,
+        };
+    let have = u16::from_be_bytes([p[off], p[off + 1]]);
+    if proto == UDP && have == 0 {
+        return;
+    }
+    let want = l4_csum(p);
+    let want = if proto == UDP && want == 0 {
+        0xffff
+    } else {
+        want
+    };
+    assert_eq!(have, want, "L4 checksum (proto {proto}) of {p:02x?}");
+}
+
+fn daddr(p: &[u8]) -> [u8; 4] {
+    p[30..34].try_into().unwrap()
+}
+fn saddr(p: &[u8]) -> [u8; 4] {
+    p[26..30].try_into().unwrap()
+}
+fn sport(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[34], p[35]])
+}
+fn dport(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[36], p[37]])
+}
+
+fn one_backend() -> Snapshot {
+    snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.1", false)])])
+}
+
+#[test]
+fn verifier_accepts_tc_program_and_reports_size() {
+    if !root() {
+        return;
+    }
+    let ebpf = load_object(None).expect("verifier accepts every program");
+    for name in std::iter::once(TC_INGRESS).chain(SOCK_PROGRAMS) {
+        let info = ebpf.program(name).unwrap().info().unwrap();
+        let xlated = info.size_translated().unwrap_or(0) / 8;
+        eprintln!(
+            "{name}: xlated {xlated} insns, verifier processed {:?} insns",
+            info.verified_instruction_count()
+        );
+        assert!(xlated > 0, "{name}");
+    }
+}
+
+#[test]
+fn tcp_to_cluster_ip_is_dnatted_and_reply_reverse_natted() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup(&one_backend());
+    let syn = packet(TCP, CLIENT, 40000, VIP, 80, SYN);
+    let (rc, out) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 1], 8080));
+    assert_eq!((saddr(&out), sport(&out)), (CLIENT, 40000));
+    assert_eq!(&out[54..], b"hello");
+    assert_checksums(&out);
+
+    // Both conntrack directions exist.
+    let ct: HashMap<_, Ct4Key, Ct4Value> =
+        HashMap::try_from(ebpf.map(names::CT4).unwrap()).unwrap();
+    let entries: Vec<(Ct4Key, Ct4Value)> = ct.iter().map(Result::unwrap).collect();
+    assert_eq!(entries.len(), 2);
+    assert!(entries.iter().any(|(_, v)| v.dir == ct_dir::FORWARD));
+    assert!(entries.iter().any(|(_, v)| v.dir == ct_dir::REPLY));
+
+    // The backend's answer gets the ClusterIP back as its source.
+    let reply = packet(TCP, [10, 1, 0, 1], 8080, CLIENT, 40000, SYN | ACK);
+    let (rc, out) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
+    assert_eq!((daddr(&out), dport(&out)), (CLIENT, 40000));
+    assert_checksums(&out);
+
+    // The next client packet follows the conntrack entry.
+    let ack = packet(TCP, CLIENT, 40000, VIP, 80, ACK);
+    let (rc, out) = run(&mut ebpf, &ack);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 1], 8080));
+    assert_checksums(&out);
+
+    // Unrelated traffic passes untouched.
+    let other = packet(TCP, CLIENT, 40001, [10, 1, 0, 7], 80, SYN);
+    let (rc, out) = run(&mut ebpf, &other);
+    assert_eq!((rc, out), (TCX_NEXT, other));
+}
+
+#[test]
+fn udp_dnat_fixes_checksum_and_keeps_zero_checksum() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("u", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    s.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let p = packet(UDP, CLIENT, 5353, VIP, 80, 0);
+    let (rc, out) = run(&mut ebpf, &p);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 1], 8080));
+    assert_checksums(&out);
+    assert_ne!(u16::from_be_bytes([out[40], out[41]]), 0);
+
+    let mut p = packet(UDP, CLIENT, 5354, VIP, 80, 0);
+    p[40] = 0;
+    p[41] = 0;
+    let (rc, out) = run(&mut ebpf, &p);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr(&out), [10, 1, 0, 1]);
+    assert_eq!(
+        u16::from_be_bytes([out[40], out[41]]),
+        0,
+        "no checksum stays none"
+    );
+    assert_checksums(&out);
+}
+
+#[test]
+fn no_endpoints_tcp_is_answered_with_rst() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup(&snap(vec![svc("a", "172.30.0.10", vec![])]));
+    let syn = packet(TCP, CLIENT, 40000, VIP, 80, SYN);
+    let (rc, out) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_REDIRECT);
+    assert_eq!(out.len(), 54);
+    assert_eq!(&out[0..6], &syn[6..12], "MACs swapped");
+    assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
+    assert_eq!((daddr(&out), dport(&out)), (CLIENT, 40000));
+    assert_eq!(out[47], 0x14, "RST|ACK");
+    assert_eq!(
+        u32::from_be_bytes(out[38..42].try_into().unwrap()),
+        0,
+        "seq"
+    );
+    assert_eq!(
+        u32::from_be_bytes(out[42..46].try_into().unwrap()),
+        1000 + 5 + 1,
+        "ack = seq + payload + SYN"
+    );
+    assert_checksums(&out);
+
+    // An ACK segment: seq = its ack number, RST only.
+    let ack = packet(TCP, CLIENT, 40001, VIP, 80, ACK);
+    let (rc, out) = run(&mut ebpf, &ack);
+    assert_eq!(rc, TCX_REDIRECT);
+    assert_eq!(out[47], 0x04);
+    assert_eq!(u32::from_be_bytes(out[38..42].try_into().unwrap()), 5000);
+    assert_checksums(&out);
+
+    // A ClusterIP's unknown port is rejected too.
+    let wrong = packet(TCP, CLIENT, 40002, VIP, 81, SYN);
+    assert_eq!(run(&mut ebpf, &wrong).0, TCX_REDIRECT);
+}
+
+#[test]
+fn no_endpoints_udp_is_answered_with_port_unreachable() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("u", "172.30.0.10", vec![]);
+    s.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let p = packet(UDP, CLIENT, 5353, VIP, 80, 0);
+    let (rc, out) = run(&mut ebpf, &p);
+    assert_eq!(rc, TCX_REDIRECT);
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_eq!(out[23], 1, "ICMP");
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    assert_eq!(
+        (out[34], out[35]),
+        (3, 3),
+        "dest unreachable / port unreachable"
+    );
+    assert_eq!(
+        &out[42..70],
+        &p[14..42],
+        "quotes the original header + 8 bytes"
+    );
+    assert_checksums(&out);
+}
+
+#[test]
+fn drops_unallocated_service_ips_and_local_policy_without_local_endpoints() {
+    if !root() {
+        return;
+    }
+    let mut local = svc("l", "172.30.0.12", vec![ep("10.1.0.2", false)]);
+    local.port.internal_policy_local = true;
+    let mut ebpf = setup(&snap(vec![
+        svc("a", "172.30.0.10", vec![ep("10.1.0.1", false)]),
+        local,
+    ]));
+    let unalloc = packet(TCP, CLIENT, 40000, [172, 30, 0, 99], 80, SYN);
+    assert_eq!(run(&mut ebpf, &unalloc).0, TCX_DROP);
+    let l = packet(TCP, CLIENT, 40000, [172, 30, 0, 12], 80, SYN);
+    assert_eq!(run(&mut ebpf, &l).0, TCX_DROP);
+    // Outside the service CIDR: not ours.
+    let out = packet(TCP, CLIENT, 40000, [172, 31, 0, 99], 80, SYN);
+    assert_eq!(run(&mut ebpf, &out).0, TCX_NEXT);
+}
+
+fn backends_seen(
+    ebpf: &mut Ebpf,
+    src: [u8; 4],
+    dst: [u8; 4],
+    port: u16,
+    n: u16,
+) -> BTreeSet<[u8; 4]> {
+    (0..n)
+        .map(|i| {
+            let (rc, out) = run(ebpf, &packet(TCP, src, 30000 + i, dst, port, SYN));
+            assert_eq!(rc, TCX_NEXT);
+            assert_checksums(&out);
+            daddr(&out)
+        })
+        .collect()
+}
+
+#[test]
+fn random_choice_spreads_and_affinity_sticks() {
+    if !root() {
+        return;
+    }
+    let two = vec![ep("10.1.0.1", false), ep("10.1.0.2", false)];
+    let mut ebpf = setup(&snap(vec![svc("a", "172.30.0.10", two.clone())]));
+    // 64 new connections all landing on one of two backends by chance: p = 2^-63.
+    assert_eq!(backends_seen(&mut ebpf, CLIENT, VIP, 80, 64).len(), 2);
+
+    let mut s = svc("a", "172.30.0.10", two);
+    s.port.affinity_timeout_seconds = Some(10800);
+    let mut ebpf = setup(&snap(vec![s]));
+    assert_eq!(backends_seen(&mut ebpf, CLIENT, VIP, 80, 64).len(), 1);
+    // Another client is free to land elsewhere, but also sticks.
+    assert_eq!(
+        backends_seen(&mut ebpf, [10, 1, 0, 10], VIP, 80, 32).len(),
+        1
+    );
+}
+
+#[test]
+fn source_ranges_and_local_policy_short_circuit() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("lb", "172.30.0.13", vec![ep("10.1.0.2", false)]);
+    s.port.node_port = Some(30080);
+    s.port.load_balancer_ips = vec![ip("1.2.3.4")];
+    s.port.load_balancer_source_ranges = vec!["8.8.0.0/16".parse().unwrap()];
+    s.port.external_policy_local = true;
+    let mut ebpf = setup(&snap(vec![s.clone()]));
+    // eTP=Local, no local endpoint: an outside client is dropped at the NodePort...
+    let np = packet(TCP, OUTSIDE, 40000, NODE, 30080, SYN);
+    assert_eq!(run(&mut ebpf, &np).0, TCX_DROP);
+    // ...while a pod (cluster CIDR 10.0.0.0/8) is sent to the cluster-wide endpoints.
+    let (rc, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, NODE, 30080, SYN));
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr(&out), [10, 1, 0, 2]);
+    assert_checksums(&out);
+    // LoadBalancer IP: a source outside the ranges is dropped before anything else.
+    let lb = packet(TCP, [9, 9, 9, 9], 40000, [1, 2, 3, 4], 80, SYN);
+    assert_eq!(run(&mut ebpf, &lb).0, TCX_DROP);
+
+    // With eTP=Cluster an allowed source is DNATted on the LB IP.
+    s.port.external_policy_local = false;
+    let mut ebpf = setup(&snap(vec![s]));
+    let (rc, out) = run(
+        &mut ebpf,
+        &packet(TCP, OUTSIDE, 40000, [1, 2, 3, 4], 80, SYN),
+    );
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 2], 8080));
+    assert_checksums(&out);
+    let lb = packet(TCP, [9, 9, 9, 9], 40000, [1, 2, 3, 4], 80, SYN);
+    assert_eq!(run(&mut ebpf, &lb).0, TCX_DROP);
+}
+
+#[test]
+fn established_flow_keeps_backend_until_it_is_removed() {
+    if !root() {
+        return;
+    }
+    let first = snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.1", false)])]);
+    assert!(desired(&first, &[], &State4::default()).unwrap().node_ip != 0);
+    let mut first = first;
+    first.network.primary_ip = None;
+    let mut ebpf = load_object(None).unwrap();
+    let st1 = desired(&first, &[], &State4::default()).unwrap();
+    apply_ops(&mut ebpf, &diff(&State4::default(), &st1)).unwrap();
+    let syn = packet(TCP, CLIENT, 40000, VIP, 80, SYN);
+    assert_eq!(daddr(&run(&mut ebpf, &syn).1), [10, 1, 0, 1]);
+
+    // A second endpoint appears: the flow stays where it is.
+    let mut second = snap(vec![svc(
+        "a",
+        "172.30.0.10",
+        vec![ep("10.1.0.1", false), ep("10.1.0.2", false)],
+    )]);
+    second.network.primary_ip = None;
+    let st2 = desired(&second, &[], &st1).unwrap();
+    apply_ops(&mut ebpf, &diff(&st1, &st2)).unwrap();
+    let ack = packet(TCP, CLIENT, 40000, VIP, 80, ACK);
+    for _ in 0..16 {
+        assert_eq!(daddr(&run(&mut ebpf, &ack).1), [10, 1, 0, 1]);
+    }
+    // Its endpoint goes away: the flow is sent to the remaining one.
+    let mut third = snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.2", false)])]);
+    third.network.primary_ip = None;
+    let st3 = desired(&third, &[], &st2).unwrap();
+    apply_ops(&mut ebpf, &diff(&st2, &st3)).unwrap();
+    assert_eq!(read_state(&mut ebpf).unwrap(), st3, "kernel maps == plan");
+    let (rc, out) = run(&mut ebpf, &ack);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr(&out), [10, 1, 0, 2]);
+    assert_checksums(&out);
+}
+
+#[test]
+fn removed_endpoint_loses_udp_flows_and_affinity() {
+    if !root() {
+        return;
+    }
+    let two = vec![ep("10.1.0.1", false), ep("10.1.0.2", false)];
+    let mut u = svc("u", "172.30.0.10", two);
+    u.port.name.protocol = crate::model::Protocol::Udp;
+    u.port.affinity_timeout_seconds = Some(10800);
+    let mut first = snap(vec![u.clone()]);
+    first.network.primary_ip = None;
+    let mut ebpf = load_object(None).unwrap();
+    let st1 = desired(&first, &[], &State4::default()).unwrap();
+    apply_ops(&mut ebpf, &diff(&State4::default(), &st1)).unwrap();
+    let (rc, out) = run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
+    assert_eq!(rc, TCX_NEXT);
+    let chosen = daddr(&out);
+    // Nothing stale while both endpoints exist.
+    assert_eq!(purge_stale(&mut ebpf, &valid_pairs(&st1)).unwrap(), 0);
+
+    // The chosen endpoint leaves the service.
+    let keep = if chosen == [10, 1, 0, 1] {
+        "10.1.0.2"
+    } else {
+        "10.1.0.1"
+    };
+    u.endpoints = vec![ep(keep, false)];
+    u.cluster_endpoints = u.endpoints.clone();
+    let mut second = snap(vec![u]);
+    second.network.primary_ip = None;
+    let st2 = desired(&second, &[], &st1).unwrap();
+    apply_ops(&mut ebpf, &diff(&st1, &st2)).unwrap();
+    assert_eq!(
+        purge_stale(&mut ebpf, &valid_pairs(&st2)).unwrap(),
+        2,
+        "both directions"
+    );
+    let aff: HashMap<_, shunt_abi::Affinity4Key, shunt_abi::AffinityValue> =
+        HashMap::try_from(ebpf.map(names::AFFINITY4).unwrap()).unwrap();
+    assert_eq!(aff.keys().count(), 0);
+    let (rc, out) = run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(
+        daddr(&out),
+        keep.parse::<std::net::Ipv4Addr>().unwrap().octets()
+    );
+    assert_checksums(&out);
+}
+
+#[test]
+fn cgroup2_mount_found_in_mountinfo() {
+    // Hybrid host (cgroup v1 controllers plus the unified hierarchy), as on this machine.
+    let hybrid = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:27 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:28 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+33 31 0:29 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,name=systemd
+";
+    assert_eq!(
+        cgroup2_mount_in(hybrid),
+        Some(PathBuf::from("/sys/fs/cgroup/unified"))
+    );
+    // Pure v2 host, with optional fields before the separator.
+    let v2 =
+        "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 master:1 - cgroup2 cgroup2 rw,nsdelegate\n";
+    assert_eq!(cgroup2_mount_in(v2), Some(PathBuf::from("/sys/fs/cgroup")));
+    // Octal escapes in the mount point are decoded.
+    let esc = "36 24 0:30 / /mnt/my\\040cg rw - cgroup2 none rw\n";
+    assert_eq!(cgroup2_mount_in(esc), Some(PathBuf::from("/mnt/my cg")));
+    // cgroup v1 only: none.
+    let v1 = "33 31 0:29 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu\n";
+    assert_eq!(cgroup2_mount_in(v1), None);
+}
+
+/// With the tc program in charge of loopback (HOST_NETNS[LOOPBACK] set), the node's own
+/// packet to a NodePort (BPF_PROG_TEST_RUN runs on the loopback device, as lo ingress
+/// would) goes to the cluster-wide endpoints even under eTP=Local, and the backend's reply
+/// is handed back through loopback ingress with both MACs zeroed.
+#[test]
+fn node_traffic_on_loopback_uses_cluster_endpoints_and_returns_via_lo() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("np", "172.30.0.13", vec![ep("10.1.0.2", false)]);
+    s.port.node_port = Some(30080);
+    s.port.external_policy_local = true;
+    let mut ebpf = setup(&snap(vec![s]));
+    // Without the flag loopback is not ours: an external source with no local endpoint.
+    let np = packet(TCP, NODE, 40000, NODE, 30080, SYN);
+    assert_eq!(run(&mut ebpf, &np).0, TCX_DROP);
+    aya::maps::Array::<_, u64>::try_from(ebpf.map_mut(names::HOST_NETNS).unwrap())
+        .unwrap()
+        .set(shunt_abi::host_ns::LOOPBACK, 1, 0)
+        .unwrap();
+    let (rc, out) = run(&mut ebpf, &np);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 2], 8080));
+    assert_checksums(&out);
+    let reply = packet(TCP, [10, 1, 0, 2], 8080, NODE, 40000, SYN | ACK);
+    let (rc, out) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_REDIRECT);
+    assert_eq!((saddr(&out), sport(&out)), (NODE, 30080));
+    assert_eq!((daddr(&out), dport(&out)), (NODE, 40000));
+    assert_eq!(&out[..12], &[0u8; 12]);
+    assert_checksums(&out);
+}

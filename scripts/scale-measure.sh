@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Measures shunt at scale in a network namespace of its own (deleted on exit):
 # cold sync time (start to /healthz 200), the time to apply one endpoint change (manifest
-# write to the kernel carrying the new endpoint, checked with `nft list`), and peak RSS.
+# write to the kernel carrying the new endpoint, checked with `nft list` in nftables mode and
+# `iptables-save -t nat` in iptables mode), and peak RSS.
 # Usage: scripts/scale-measure.sh [SERVICES] [ENDPOINTS] [MODE]   (needs root)
 set -euo pipefail
 services=${1:-10000}
@@ -43,6 +44,8 @@ done
 t1=$(now_ms)
 echo "cold sync ($services services x $endpoints endpoints, $mode): $((t1 - t0)) ms to /healthz 200"
 
+svc_chain=""
+if [ "$mode" = nftables ]; then
 # The service chain of svc0 (name hashed as kube-proxy does): its numgen vmap must name the
 # new endpoint's chain. Listing one chain still makes nft load the table's chain cache, so
 # the figure includes that cost.
@@ -52,6 +55,7 @@ for o in json.load(sys.stdin)["nftables"]:
     c=o.get("chain")
     if c and c["name"].startswith("service-") and c["name"].endswith("-scale/svc0/tcp/http"):
         print(c["name"]); break')
+fi
 # One endpoint change: svc0 gets a new endpoint 10.127.255.254.
 python3 - "$dir/services-000.json" <<'PY'
 import json, os, sys
@@ -67,7 +71,13 @@ PY
 t2=$(now_ms)
 found=0
 for _ in $(seq 1 600); do
-    if ip netns exec "$ns" nft list chain ip shunt "$svc_chain" 2>/dev/null | grep -q '10.127.255.254'; then found=1; break; fi
+    if [ "$mode" = nftables ]; then
+        if ip netns exec "$ns" nft list chain ip shunt "$svc_chain" 2>/dev/null | grep -q '10.127.255.254'; then found=1; break; fi
+    else
+        # The new endpoint's SHUNT-SEP-* chain DNATs to it; dumping the whole nat table makes
+        # each poll cost what iptables-save costs at this size, so the figure includes it.
+        if ip netns exec "$ns" iptables-save -t nat 2>/dev/null | grep -q -- '--to-destination 10.127.255.254'; then found=1; break; fi
+    fi
     sleep 0.02
 done
 t3=$(now_ms)

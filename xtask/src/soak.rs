@@ -402,9 +402,7 @@ pub fn run(a: &Args) -> Result<bool> {
     rep.check(
         st.success() && left > 0 && still.is_ok(),
         "SIGTERM leaves the rules serving",
-        &format!(
-            "{st}, {left} shunt table/chain line(s) left, NodePort answered by {still:?}"
-        ),
+        &format!("{st}, {left} shunt table/chain line(s) left, NodePort answered by {still:?}"),
     );
     let mut cargs = args.clone();
     cargs.push("--cleanup".into());

@@ -80,11 +80,12 @@ t2=$(now_ms)
 found=0
 for _ in $(seq 1 600); do
     if [ "$mode" = nftables ]; then
-        if ip netns exec "$ns" nft list chain ip shunt "$svc_chain" 2>/dev/null | grep -q '10.127.255.254'; then found=1; break; fi
+        if ip netns exec "$ns" nft list chain ip shunt "$svc_chain" 2>/dev/null | grep '10.127.255.254' >/dev/null; then found=1; break; fi
     else
         # The new endpoint's SHUNT-SEP-* chain DNATs to it; dumping the whole nat table makes
-        # each poll cost what iptables-save costs at this size, so the figure includes it.
-        if ip netns exec "$ns" "$save" -t nat 2>/dev/null | grep -q -- '--to-destination 10.127.255.254'; then found=1; break; fi
+        # each poll cost what iptables-save costs at this size, so the figure includes it. (No
+        # `grep -q`: under pipefail its early exit makes the saver die of SIGPIPE, a false miss.)
+        if ip netns exec "$ns" "$save" -t nat 2>/dev/null | grep -- '--to-destination 10.127.255.254' >/dev/null; then found=1; break; fi
     fi
     sleep 0.02
 done

@@ -149,7 +149,9 @@ fn long_conn(
     let mut seq = 0;
     while Instant::now() < end && !stop.load(Ordering::SeqCst) {
         if let Err(e) = exchange(&mut c, &mut r, seq) {
-            tally.lock().expect("tally").long_dropped.push(format!(
+            let mut t = tally.lock().expect("tally");
+            t.long_exchanges += seq;
+            t.long_dropped.push(format!(
                 "{dst} via {} (after {seq} exchanges): {e:#}",
                 a.name
             ));

@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
 # Measures shunt at scale in a network namespace of its own (deleted on exit):
 # cold sync time (start to /healthz 200), the time to apply one endpoint change (manifest
-# write to the kernel carrying the new endpoint, checked with `nft list`), and peak RSS.
+# write to the kernel carrying the new endpoint, checked with `nft list` in nftables mode and
+# `iptables-save -t nat` in iptables mode), and peak RSS.
 # Usage: scripts/scale-measure.sh [SERVICES] [ENDPOINTS] [MODE]   (needs root)
+# SHUNT_ARGS adds arguments to shunt's command line, e.g. SHUNT_ARGS=--iptables-backend=legacy.
 set -euo pipefail
 services=${1:-10000}
 endpoints=${2:-10}
 mode=${3:-nftables}
+read -r -a extra <<<"${SHUNT_ARGS:-}"
+# The save tool of the backend shunt was told to use (iptables-save follows the system's choice).
+save=iptables-save
+case "${SHUNT_ARGS:-}" in
+*iptables-backend*legacy*) save=iptables-legacy-save ;;
+*iptables-backend*nft*) save=iptables-nft-save ;;
+esac
 top=$(cd "$(dirname "$0")/.." && pwd)
 shunt="${CARGO_TARGET_DIR:-$top/target}/release/shunt"
 ns="shunt-scale-$$"
@@ -14,7 +23,7 @@ dir=$(mktemp -d)
 pid=""
 cleanup() {
     [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    [ -x "$shunt" ] && ip netns exec "$ns" "$shunt" --proxy-mode "$mode" --cleanup >/dev/null 2>&1 || true
+    [ -x "$shunt" ] && ip netns exec "$ns" "$shunt" --proxy-mode "$mode" "${extra[@]}" --cleanup >/dev/null 2>&1 || true
     ip netns del "$ns" 2>/dev/null || true
     rm -rf "$dir"
 }
@@ -32,7 +41,7 @@ now_ms() { date +%s%3N; }
 t0=$(now_ms)
 ip netns exec "$ns" "$shunt" --proxy-mode "$mode" --manifests "$dir" --hostname-override scale-node \
     --detect-local-mode ClusterCIDR --cluster-cidr 10.0.0.0/8 --nodeport-addresses 192.168.0.2/32 \
-    --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 2>"$dir/shunt.log" &
+    --healthz-bind-address 127.0.0.1:10256 --metrics-bind-address 127.0.0.1:10249 "${extra[@]}" 2>"$dir/shunt.log" &
 pid=$!
 for _ in $(seq 1 6000); do
     code=$(ip netns exec "$ns" curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:10256/healthz || true)
@@ -41,8 +50,11 @@ for _ in $(seq 1 6000); do
 done
 [ "$code" = 200 ] || { echo "shunt never became healthy"; tail -20 "$dir/shunt.log"; exit 1; }
 t1=$(now_ms)
-echo "cold sync ($services services x $endpoints endpoints, $mode): $((t1 - t0)) ms to /healthz 200"
+echo "cold sync ($services services x $endpoints endpoints, $mode ${SHUNT_ARGS:-}: $((t1 - t0)) ms to /healthz 200"
 
+svc_chain=""
+pick_map=""
+if [ "$mode" = nftables ]; then
 # The service chain of svc0 (name hashed as kube-proxy does) picks its endpoint through one
 # of the endpoint-pick maps (chosen by a hash of the chain's name, see
 # proxy/src/plan/nft/names.rs): that map must name the new endpoint's chain. Listing one map
@@ -57,6 +69,7 @@ pick_map=$(python3 -c '
 import hashlib,sys
 d=hashlib.sha256(sys.argv[1].encode()).digest()
 print("endpoint-picks-%03x" % (int.from_bytes(d[4:8], "big") % 1024))' "$svc_chain")
+fi
 # One endpoint change: svc0 gets a new endpoint 10.127.255.254.
 python3 - "$dir/services-000.json" <<'PY'
 import json, os, sys
@@ -72,7 +85,14 @@ PY
 t2=$(now_ms)
 found=0
 for _ in $(seq 1 600); do
-    if ip netns exec "$ns" nft list map ip shunt "$pick_map" 2>/dev/null | grep -q '__10.127.255.254/'; then found=1; break; fi
+    if [ "$mode" = nftables ]; then
+        # (No `grep -q`: under pipefail its early exit can kill the lister with SIGPIPE.)
+        if ip netns exec "$ns" nft list map ip shunt "$pick_map" 2>/dev/null | grep '__10.127.255.254/' >/dev/null; then found=1; break; fi
+    else
+        # The new endpoint's SHUNT-SEP-* chain DNATs to it; dumping the whole nat table makes
+        # each poll cost what iptables-save costs at this size, so the figure includes it.
+        if ip netns exec "$ns" "$save" -t nat 2>/dev/null | grep -- '--to-destination 10.127.255.254' >/dev/null; then found=1; break; fi
+    fi
     sleep 0.02
 done
 t3=$(now_ms)

@@ -27,16 +27,16 @@ pub struct Args {
     pub requests: usize,
 }
 
-const PODS: [(&str, &str, &str); 4] = [
+pub(crate) const PODS: [(&str, &str, &str); 4] = [
     ("pod-a", "10.244.1.2", "node-1"),
     ("pod-b", "10.244.1.3", "node-1"),
     ("pod-c", "10.244.2.2", "node-2"),
     ("pod-d", "10.244.2.3", "node-2"),
 ];
-const CLIENT_POD: &str = "10.244.1.100";
-const EXTERNAL: &str = "203.0.113.2";
-const CLUSTER_IP: &str = "10.96.0.10:80";
-const NODE_PORT: &str = "192.168.0.2:30080";
+pub(crate) const CLIENT_POD: &str = "10.244.1.100";
+pub(crate) const EXTERNAL: &str = "203.0.113.2";
+pub(crate) const CLUSTER_IP: &str = "10.96.0.10:80";
+pub(crate) const NODE_PORT: &str = "192.168.0.2:30080";
 
 fn slice(name: &str, svc: &str, pods: &[&str]) -> String {
     let mut eps = String::new();
@@ -51,7 +51,7 @@ fn slice(name: &str, svc: &str, pods: &[&str]) -> String {
 }
 
 /// The demo cluster as a scenario document, so the lab plans it like any conformance scenario.
-fn demo_scenario(pods: &[&str]) -> Result<Scenario> {
+pub(crate) fn demo_scenario(pods: &[&str]) -> Result<Scenario> {
     let text = format!(
         r#"format_version: 1
 scenarios:

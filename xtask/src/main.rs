@@ -10,6 +10,7 @@ mod demo;
 mod lab;
 mod scenario;
 mod shunt;
+mod soak;
 mod testcmd;
 
 use std::path::PathBuf;
@@ -36,13 +37,17 @@ enum Cmd {
     },
     /// A small two-node netns cluster showing shunt balancing and following an EndpointSlice edit.
     Demo(demo::Args),
+    /// Restart soak: client load through a ClusterIP and a NodePort while shunt is SIGKILLed and
+    /// restarted; no established connection may drop, no new one may fail while /healthz is 200.
+    Soak(soak::Args),
     /// Internal: the lab's helper process (probes that must run inside a cgroup).
     #[command(hide = true)]
     LabAgent {
         #[command(subcommand)]
         cmd: AgentCmd,
     },
-    /// Everything: install-deps, manifest validation, fmt, clippy, cargo test, conformance (nftables).
+    /// Everything: install-deps, manifest validation, fmt, clippy, cargo test, conformance
+    /// (nftables, iptables on both backends), short restart soak (nftables, iptables).
     Test,
 }
 
@@ -178,6 +183,7 @@ fn main() {
         } => selftest(&paths, Duration::from_millis(timeout_ms), hold),
         Cmd::Lab { cmd: LabCmd::Gc } => require_lab().map(|()| true),
         Cmd::Demo(a) => require_lab().and_then(|()| demo::run(&a)),
+        Cmd::Soak(a) => require_lab().and_then(|()| soak::run(&a)),
         Cmd::Test => testcmd::run(),
         Cmd::LabAgent {
             cmd:

@@ -362,6 +362,15 @@ impl Shunt {
         )
     }
 
+    /// SIGKILL (a crash: no shutdown code runs) and reap; the rules stay as they were.
+    pub fn kill9(&mut self) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("shunt already stopped")
+        };
+        child.kill().context("SIGKILL shunt")?;
+        Ok(child.wait()?)
+    }
+
     /// SIGTERM and a bounded wait for exit.
     pub fn stop(&mut self) -> Result<std::process::ExitStatus> {
         let Some(mut child) = self.child.take() else {

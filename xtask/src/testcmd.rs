@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the one command that runs every test, stopping at the first failure.
 //! Order: what needs installing, manifest validation, fmt, clippy, unit/integration/namespace
 //! tests, then the packet-level conformance scenarios in nftables mode and in iptables mode
-//! (legacy and nft backends).
+//! (legacy and nft backends), then the short restart soak in both modes.
 
 use std::process::Command;
 
@@ -75,6 +75,13 @@ pub fn run() -> Result<bool> {
                 "iptables",
                 &format!("--shunt-arg=--iptables-backend={backend}"),
             ]),
+        )?;
+    }
+    // Restart soak (short preset): SIGKILL + restart under load must not cost a connection.
+    for mode in ["nftables", "iptables"] {
+        step(
+            &format!("soak restart, short preset ({mode})"),
+            Command::new(&me).args(["soak", "--mode", mode, "--preset", "short"]),
         )?;
     }
     println!("all tests passed");

@@ -26,6 +26,9 @@ const POLL: Duration = Duration::from_millis(100);
 pub enum Mode {
     Line,
     Http,
+    /// Soak: the answer line on accept, then every line the client sends is echoed back until
+    /// it closes; one thread per connection so long-lived connections run side by side.
+    Echo,
 }
 
 pub fn answer_line(name: &str, local: SocketAddr, peer: SocketAddr) -> String {
@@ -119,6 +122,9 @@ impl Servers {
                     Ok(sock) => {
                         let _ = tx.send(Ok(()));
                         match proto {
+                            Protocol::TCP if mode == Mode::Echo => {
+                                serve_echo(sock.into(), &name, &stop)
+                            }
                             Protocol::TCP => serve_tcp(sock.into(), &name, mode, &stop),
                             _ => serve_udp(sock.into(), &name, &stop),
                         }
@@ -175,7 +181,7 @@ fn serve_tcp(l: TcpListener, name: &str, mode: Mode, stop: &AtomicBool) {
         let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
         let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
         match mode {
-            Mode::Line => {
+            Mode::Line | Mode::Echo => {
                 let _ = c.write_all(line.as_bytes());
             }
             Mode::Http => {
@@ -196,6 +202,48 @@ fn serve_tcp(l: TcpListener, name: &str, mode: Mode, stop: &AtomicBool) {
             }
         }
         let _ = c.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Echo server: a thread per connection, all joined before returning (they poll `stop` with
+/// the same bounded read timeout as the listener), so none outlives the lab.
+fn serve_echo(l: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
+    let mut conns: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        conns.retain(|t| !t.is_finished());
+        let Ok((mut c, peer)) = l.accept() else {
+            continue;
+        };
+        let local = c.local_addr().unwrap_or(peer);
+        let line = answer_line(name, local, peer);
+        let stop = stop.clone();
+        conns.push(std::thread::spawn(move || {
+            let _ = c.set_read_timeout(Some(POLL));
+            let _ = c.set_write_timeout(Some(Duration::from_secs(1)));
+            if c.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::SeqCst) {
+                match c.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    for t in conns {
+        let _ = t.join();
     }
 }
 

@@ -201,7 +201,12 @@ fn run_scenario(
             }
             let mut outcomes = Vec::new();
             for _ in 0..attempts(&expect) {
-                let o = lab.probe(p.protocol, p.source_ip, p.dest(), timeout)?;
+                let send = || lab.probe(p.protocol, p.source_ip, p.dest(), timeout);
+                let o = if matches!(expect, scenario::Expectation::Reject) {
+                    crate::lab::probe::retry_refusal(send)?
+                } else {
+                    send()?
+                };
                 let answered = matches!(o, crate::lab::probe::Outcome::Answered { .. });
                 outcomes.push(o);
                 if !answered {

@@ -86,6 +86,25 @@ impl Outcome {
     }
 }
 
+/// How many probes, in all, a refusal may take before a timeout counts.
+pub const REFUSAL_TRIES: usize = 3;
+
+/// Runs `probe` until it gives anything but a timeout, at most `REFUSAL_TRIES` times, for
+/// probes that expect a refusal. A reject answers with an ICMP error (or RST) that the kernel
+/// may rate-limit (net.ipv4.icmp_msgs_per_sec, icmp_ratelimit) or lose, and a node-originated
+/// UDP probe never retransmits; a drop never answers. So a reject shows on some try, while a
+/// drop still times out on every one: retrying cannot turn a drop into a pass.
+pub fn retry_refusal(mut probe: impl FnMut() -> Result<Outcome>) -> Result<Outcome> {
+    let mut o = probe()?;
+    for _ in 1..REFUSAL_TRIES {
+        if o != Outcome::Timeout {
+            break;
+        }
+        o = probe()?;
+    }
+    Ok(o)
+}
+
 /// Sends one new connection from `src` (port chosen by the kernel) to `dst`. Must be called on
 /// a thread inside the source's network namespace.
 pub fn probe(proto: Protocol, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<Outcome> {
@@ -173,6 +192,29 @@ fn parse(buf: &[u8], client: SocketAddr) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusal_retries_are_bounded_and_cannot_turn_a_drop_into_a_reject() {
+        let run = |seq: Vec<Outcome>| {
+            let mut it = seq.into_iter();
+            let mut calls = 0;
+            let o = retry_refusal(|| {
+                calls += 1;
+                Ok(it.next().unwrap_or(Outcome::Timeout))
+            })
+            .unwrap();
+            (o, calls)
+        };
+        // A lost ICMP error, then the refusal: refused.
+        assert_eq!(
+            run(vec![Outcome::Timeout, Outcome::Refused]),
+            (Outcome::Refused, 2)
+        );
+        // A drop: timeout on every try, and no more than REFUSAL_TRIES tries.
+        assert_eq!(run(vec![]), (Outcome::Timeout, REFUSAL_TRIES));
+        // Anything but a timeout decides at once.
+        assert_eq!(run(vec![Outcome::Refused]), (Outcome::Refused, 1));
+    }
 
     #[test]
     fn outcome_encoding_roundtrips() {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 
 use crate::lab::plan::{LAB_PORT, LAB_V4, LAB_V6, Plan, Role};
-use crate::lab::probe::Outcome;
+use crate::lab::probe::{Outcome, retry_refusal};
 use crate::lab::topology::Lab;
 use crate::scenario::Protocol;
 
@@ -48,7 +48,11 @@ fn expect(
     want: &Outcome,
     t: Duration,
 ) -> Result<()> {
-    let o = lab.probe(proto, src, dst, t)?;
+    let o = if *want == Outcome::Refused {
+        retry_refusal(|| lab.probe(proto, src, dst, t))?
+    } else {
+        lab.probe(proto, src, dst, t)?
+    };
     if &o != want {
         bail!("self-test: {proto:?} {src} -> {dst}: expected {want}, got {o}");
     }

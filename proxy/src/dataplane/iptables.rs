@@ -13,8 +13,7 @@
 //!   kubelet's `KUBE-IPTABLES-HINT`/`KUBE-KUBELET-CANARY` chains in nft's mangle table, then in
 //!   legacy's tables, decide; otherwise whichever backend holds more rules, nft on a tie.
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use super::conntrack::Conntrack;
 use super::{Changed, Dataplane, DataplaneError, SyncOutcome, SyncRequest};
@@ -106,30 +105,10 @@ fn run(
     args: &[String],
     stdin: Option<&str>,
 ) -> Result<Output, DataplaneError> {
-    let mut argv: Vec<&str> = prefix.iter().map(String::as_str).collect();
-    argv.push(program);
-    argv.extend(args.iter().map(String::as_str));
-    let what = argv.join(" ");
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..])
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let io = |source| DataplaneError::Io {
-        what: what.clone(),
-        source,
-    };
-    let mut child = cmd.spawn().map_err(io)?;
-    if let Some(input) = stdin {
-        // Dropping the handle after writing closes the pipe so the tool sees EOF.
-        let mut pipe = child.stdin.take().expect("stdin was piped");
-        pipe.write_all(input.as_bytes()).map_err(io)?;
-    }
-    child.wait_with_output().map_err(io)
+    let mut argv = prefix.to_vec();
+    argv.push(program.to_string());
+    argv.extend(args.iter().cloned());
+    super::command::output(&argv, stdin.map(str::as_bytes))
 }
 
 fn tool_error(what: String, out: &Output) -> DataplaneError {

@@ -23,9 +23,7 @@
 //! chain is gone and recreates everything. The result is checked by reading the state back; a
 //! leftover is an error.
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use super::DataplaneError;
 
@@ -315,54 +313,24 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-/// Run `prefix... program args...`, feeding `stdin`; its stdout, or its stderr as the error.
+/// Run `prefix... program args...`, feeding `stdin`; its stdout, or its stderr as the error
+/// (followed by the input, so a refused restore shows what was refused).
 fn run(
     prefix: &[String],
     program: &str,
     args: &[&str],
     stdin: Option<&str>,
 ) -> Result<String, DataplaneError> {
-    let mut argv: Vec<&str> = prefix.iter().map(String::as_str).collect();
-    argv.push(program);
-    argv.extend_from_slice(args);
-    let shown = argv.join(" ");
-    let mut cmd = Command::new(argv[0]);
-    cmd.args(&argv[1..])
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(|source| DataplaneError::Io {
-        what: format!("running {shown}"),
-        source,
-    })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|source| DataplaneError::Io {
-                what: format!("writing the input of {shown}"),
-                source,
-            })?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|source| DataplaneError::Io {
-            what: format!("waiting for {shown}"),
-            source,
-        })?;
-    if !out.status.success() {
-        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        if let Some(input) = stdin {
+    let mut argv = prefix.to_vec();
+    argv.push(program.to_string());
+    argv.extend(args.iter().map(|a| a.to_string()));
+    super::command::run(&argv, stdin.map(str::as_bytes)).map_err(|e| match (e, stdin) {
+        (DataplaneError::Tool { tool, mut stderr }, Some(input)) => {
             stderr.push_str(&format!("\ninput was:\n{input}"));
+            DataplaneError::Tool { tool, stderr }
         }
-        return Err(DataplaneError::Tool {
-            tool: shown,
-            stderr,
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        (e, _) => e,
+    })
 }
 
 #[cfg(test)]

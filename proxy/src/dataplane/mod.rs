@@ -1,6 +1,7 @@
 //! IMPURE: backends that apply a plan to the kernel and read state back.
 //!
 //! A backend never decides Kubernetes semantics; it asks `plan` what to do and does it.
+mod command;
 pub mod conntrack;
 pub mod ebpf;
 pub mod iptables;

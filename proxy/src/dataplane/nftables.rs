@@ -9,12 +9,11 @@
 //! chain and map in place, so the first sync after a restart replaces the old content
 //! atomically while established connections keep their conntrack NAT state.
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use serde_json::Value;
 
+use super::command::run;
 use super::conntrack::Conntrack;
 use super::{Changed, Dataplane, DataplaneError, SyncOutcome, SyncRequest};
 use crate::model::{IpFamily, Snapshot};
@@ -375,54 +374,6 @@ fn parse_items(out: &str) -> Result<Vec<Listed>, DataplaneError> {
         }
     }
     Ok(items)
-}
-
-/// Runs argv, feeding `stdin`; returns stdout, or the tool's stderr on failure.
-pub(crate) fn run(argv: &[String], stdin: Option<&[u8]>) -> Result<String, DataplaneError> {
-    let (prog, args) = argv
-        .split_first()
-        .ok_or_else(|| DataplaneError::Other("empty command".to_string()))?;
-    let what = argv.join(" ");
-    let mut child = Command::new(prog)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| DataplaneError::Io {
-            what: format!("running {what}"),
-            source,
-        })?;
-    // nft reads all of its input before it answers, so writing first cannot deadlock. If it
-    // exits early (EPIPE), its stderr says why: that is reported rather than the pipe error.
-    let write_error = match (stdin, child.stdin.take()) {
-        (Some(data), Some(mut pipe)) => pipe.write_all(data).err(),
-        _ => None,
-    };
-    // The pipe was dropped above, so the tool has seen end of input.
-    let out = child
-        .wait_with_output()
-        .map_err(|source| DataplaneError::Io {
-            what: format!("waiting for {what}"),
-            source,
-        })?;
-    if let (Some(source), true) = (write_error, out.status.success()) {
-        return Err(DataplaneError::Io {
-            what: format!("writing to {what}"),
-            source,
-        });
-    }
-    if !out.status.success() {
-        return Err(DataplaneError::Tool {
-            tool: what,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ mod types;
 pub mod validate;
 
 #[cfg(test)]
+pub(crate) mod scenario_fixture;
+#[cfg(test)]
 mod scenario_tests;
 
 pub use tracker::{ModelError, PendingChanges, Tracker, Update};

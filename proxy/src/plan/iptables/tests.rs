@@ -2,20 +2,17 @@
 //! rules, plus affinity, source ranges, partial restores and chain names.
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 
-use ipnet::IpNet;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::render::{parse_saved_chains, render_delete};
 use super::tracer::{Outcome, Packet, Tracer};
 use super::*;
+use crate::model::scenario_fixture::{scenario_files, scenario_snapshot, scenarios};
 use crate::model::{
-    DetectLocal, Endpoint, IpFamily, LocalDetector, NodeConfig, NodeNetwork, NodePortIps, Object,
-    Protocol, ServicePort, ServicePortName, ServicePortState, Snapshot, Tracker,
+    Endpoint, IpFamily, LocalDetector, NodeNetwork, NodePortIps, Protocol, ServicePort,
+    ServicePortName, ServicePortState, Snapshot,
 };
-
-const SCENARIO_DIR: &str = "/work/shared/scenarios";
 
 fn full(rs: &Ruleset) -> String {
     render(
@@ -38,71 +35,6 @@ fn protocol(s: &str) -> Protocol {
         "SCTP" => Protocol::Sctp,
         other => panic!("unknown protocol {other}"),
     }
-}
-
-fn object(kind: &str, v: &Value) -> Object {
-    match kind {
-        "Service" => Object::Service(Box::new(serde_json::from_value(v.clone()).unwrap())),
-        _ => Object::EndpointSlice(Box::new(serde_json::from_value(v.clone()).unwrap())),
-    }
-}
-
-/// The scenario's world through the real model (Tracker), as main.rs would build it.
-fn scenario_snapshot(sc: &Value) -> (Snapshot, Vec<IpAddr>) {
-    let cl = &sc["cluster"];
-    let family = match cl["ip_family"].as_str().unwrap() {
-        "IPv4" => IpFamily::V4,
-        _ => IpFamily::V6,
-    };
-    let nets = |v: &Value| -> Vec<IpNet> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| s.as_str().unwrap().parse().unwrap())
-            .collect()
-    };
-    let mut t = Tracker::new(NodeConfig {
-        node_name: sc["node"]["name"].as_str().unwrap().into(),
-        families: vec![family],
-        detect_local: match cl["detect_local_mode"].as_str().unwrap() {
-            "ClusterCIDR" => DetectLocal::ClusterCidr(nets(&cl["cluster_cidrs"])),
-            _ => DetectLocal::None,
-        },
-        masquerade_all: cl["masquerade_all"].as_bool().unwrap_or(false),
-        node_port_addresses: nets(&cl["node_port_addresses"]),
-    });
-    let local: Vec<IpAddr> = ["ipv4", "ipv6"]
-        .iter()
-        .flat_map(|f| sc["node"][f].as_array().cloned().unwrap_or_default())
-        .map(|s| s.as_str().unwrap().parse().unwrap())
-        .collect();
-    let mut addresses = Vec::new();
-    for f in ["ipv4", "ipv6"] {
-        if let Some(a) = sc["node"][f].as_array().and_then(|a| a.first()) {
-            addresses.push(json!({"type": "InternalIP", "address": a}));
-        }
-    }
-    t.apply(Object::Node(Box::new(
-        serde_json::from_value(json!({"metadata": {"name": sc["node"]["name"]},
-            "status": {"addresses": addresses}}))
-        .unwrap(),
-    )))
-    .unwrap();
-    t.apply(Object::ServiceCidr(Box::new(
-        serde_json::from_value(json!({"metadata": {"name": "kubernetes"},
-            "spec": {"cidrs": cl["service_cidrs"]}}))
-        .unwrap(),
-    )))
-    .unwrap();
-    t.set_local_addresses(local.clone());
-    for s in sc["services"].as_array().into_iter().flatten() {
-        t.apply(object("Service", s)).unwrap();
-    }
-    for s in sc["endpointslices"].as_array().into_iter().flatten() {
-        t.apply(object("EndpointSlice", s)).unwrap();
-    }
-    t.take_update();
-    (t.snapshots()[0].clone(), local)
 }
 
 /// Check a traced outcome set against a scenario expectation.
@@ -131,21 +63,15 @@ fn check(name: &str, got: &BTreeSet<Outcome>, expect: &Value) {
 
 #[test]
 fn every_scenario_packet_gets_its_upstream_verdict() {
-    let Ok(entries) = std::fs::read_dir(Path::new(SCENARIO_DIR)) else {
-        eprintln!("skipping: {SCENARIO_DIR} not present");
+    let Some(files) = scenario_files() else {
+        eprintln!("skipping: no scenario directory (set SHUNT_SCENARIOS)");
         return;
     };
-    let mut files: Vec<_> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    files.sort();
     let mut checked = 0;
     for file in files {
-        let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-        for sc in doc["scenarios"].as_array().into_iter().flatten() {
+        for sc in scenarios(&file) {
             let id = sc["id"].as_str().unwrap();
-            let (snap, local) = scenario_snapshot(sc);
+            let (snap, local) = scenario_snapshot(&sc);
             let t = tracer(&snap, &local);
             for p in sc["packets"].as_array().into_iter().flatten() {
                 let pkt = Packet {
@@ -161,7 +87,7 @@ fn every_scenario_packet_gets_its_upstream_verdict() {
         }
     }
     eprintln!("traced {checked} scenario packets");
-    assert!(checked >= 39, "only {checked} packets in {SCENARIO_DIR}");
+    assert!(checked >= 39, "only {checked} scenario packets");
 }
 
 // ---- hand-built snapshots ----

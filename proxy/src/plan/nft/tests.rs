@@ -1,8 +1,7 @@
-//! Plan tests: every packet of /work/shared/scenarios traced through hand-built snapshots,
+//! Plan tests: every packet of ../shared/scenarios traced through hand-built snapshots,
 //! plus affinity, source ranges, partial-sync diffs and chain names.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::Path;
 
 use super::build::{Ruleset, ruleset};
 use super::fixtures::*;
@@ -111,23 +110,10 @@ fn protocol(s: &str) -> Protocol {
 /// Traces every packet of every scenario file and compares with its expectation.
 #[test]
 fn every_scenario_packet_gets_the_expected_verdict() {
-    let dir =
-        std::env::var("SHUNT_SCENARIOS").unwrap_or_else(|_| "/work/shared/scenarios".to_string());
-    let dir = Path::new(&dir);
-    if !dir.is_dir() {
-        eprintln!(
-            "skipping: scenario directory {} not found (set SHUNT_SCENARIOS)",
-            dir.display()
-        );
+    let Some(files) = crate::model::scenario_fixture::scenario_files() else {
+        eprintln!("skipping: no scenario directory (set SHUNT_SCENARIOS)");
         return;
-    }
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no scenario files in {}", dir.display());
+    };
     let mut failures = Vec::new();
     let mut checked = 0;
     for file in files {

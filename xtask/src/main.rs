@@ -37,8 +37,8 @@ enum Cmd {
     },
     /// A small two-node netns cluster showing shunt balancing and following an EndpointSlice edit.
     Demo(demo::Args),
-    /// Restart soak: client load through a ClusterIP and a NodePort while shunt is SIGKILLed and
-    /// restarted; no established connection may drop, no new one may fail while /healthz is 200.
+    /// Reliability soaks under counted client load: restart (SIGKILL + restart), rolling update,
+    /// UDP backend replacement, endpoint churn, API outage (`--scenario`, default all).
     Soak(soak::Args),
     /// Internal: the lab's helper process (probes that must run inside a cgroup).
     #[command(hide = true)]
@@ -47,7 +47,7 @@ enum Cmd {
         cmd: AgentCmd,
     },
     /// Everything: install-deps, manifest validation, fmt, clippy, cargo test, conformance
-    /// (nftables, iptables on both backends), short restart soak (nftables, iptables).
+    /// (nftables, iptables on both backends), short soaks (every scenario, every mode).
     Test,
 }
 

@@ -306,6 +306,11 @@ impl Shunt {
         })
     }
 
+    /// The process id while it runs (`ip netns exec` and `nsenter` exec shunt in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn stderr_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         let v: Vec<&str> = text.lines().collect();

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: the one command that runs every test, stopping at the first failure.
 //! Order: what needs installing, manifest validation, fmt, clippy, unit/integration/namespace
 //! tests, then the packet-level conformance scenarios in nftables mode and in iptables mode
-//! (legacy and nft backends), then the short restart soak in both modes.
+//! (legacy and nft backends), then the short soaks (every scenario) in every mode.
 
 use std::process::Command;
 
@@ -77,11 +77,20 @@ pub fn run() -> Result<bool> {
             ]),
         )?;
     }
-    // Restart soak (short preset): SIGKILL + restart under load must not cost a connection.
-    for mode in ["nftables", "iptables"] {
+    // Soaks (issue #8), short presets: restart, rolling update, UDP backend replacement,
+    // endpoint churn and API outage under counted client load, in every mode; one lab per mode.
+    for mode in ["nftables", "iptables", "ebpf"] {
         step(
-            &format!("soak restart, short preset ({mode})"),
-            Command::new(&me).args(["soak", "--mode", mode, "--preset", "short"]),
+            &format!("soak, every scenario, short preset ({mode})"),
+            Command::new(&me).args([
+                "soak",
+                "--scenario",
+                "all",
+                "--mode",
+                mode,
+                "--preset",
+                "short",
+            ]),
         )?;
     }
     println!("all tests passed");

@@ -95,6 +95,20 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<SourceEvent>) -> anyhow::Result<
     }
 }
 
+/// The objects the bytes of one manifest file define (each with its identity), and one reason
+/// per document (or List item) that was skipped: the parser the directory source runs on
+/// every changed file. `path` only decides JSON (`.json`) or YAML. Public for the fuzz target
+/// (`proxy/fuzz`).
+pub fn parse_bytes(path: &Path, bytes: &[u8]) -> (Vec<(ObjectRef, Object)>, Vec<String>) {
+    let parsed = parse::parse_file(path, bytes);
+    let objects = parsed
+        .objects
+        .into_iter()
+        .map(|o| (object_ref(&o), o))
+        .collect();
+    (objects, parsed.problems)
+}
+
 /// The inotify watches on the directory and its parent; re-created when the directory's
 /// inode changes (replaced) or it reappears.
 struct DirWatch {

@@ -1,0 +1,249 @@
+//! Scenario "outage": shunt follows the API double (real list/watch protocol, the same double
+//! the proxy's tests use: `proxy/tests/support/apiserver.rs`, included here, not copied) with
+//! `--master http://127.0.0.1:PORT` inside the node namespace. The double goes down (listener
+//! closed, every connection closed: connection refused, as a stopped apiserver) for 60 s
+//! (short preset: 10 s); meanwhile a Service `late` is created in it. Checked:
+//!
+//! * the dataplane is unchanged during the outage: requests to web and web-np keep working
+//!   (0 failed over the whole run) and the programmed rules are byte-identical at the end of
+//!   the outage (nftables/iptables; ebpf keeps its state in maps, checked by traffic only);
+//! * converged within 1 s of the API's return: `late`'s ClusterIP answers (the kernel carries
+//!   the change made while the API was down) within 1 s of the double serving again. The
+//!   time is measured by probing `late` every ~20 ms with a 50 ms connect timeout (an unused
+//!   service-CIDR address is dropped, a refused one answers at once).
+
+#[path = "../../../proxy/tests/support/apiserver.rs"]
+mod apiserver;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::Value;
+
+use super::cluster::{self, CLIENT_POD, EXTERNAL, LATE, WEB, WEB_NP, WEB_PODS};
+use super::load::Load;
+use super::{Ctx, Preset, Report};
+use crate::lab::netns;
+use apiserver::ApiServer;
+
+/// The bound on convergence after the API returns.
+const WITHIN: Duration = Duration::from_secs(1);
+
+fn outage(p: Preset) -> Duration {
+    match p {
+        Preset::Short => Duration::from_secs(10),
+        Preset::Full => Duration::from_secs(60),
+    }
+}
+
+enum Cmd {
+    Upsert(Value),
+    Stop,
+    Restart,
+}
+
+/// The double on a thread of its own inside the node namespace (its listener must be where
+/// shunt's 127.0.0.1 is), driven by a current-thread runtime; commands are answered in order.
+struct Double {
+    addr: SocketAddr,
+    tx: tokio::sync::mpsc::UnboundedSender<(Cmd, std::sync::mpsc::Sender<()>)>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Double {
+    fn start(ns: String) -> Result<Double> {
+        let (tx, mut rx) =
+            tokio::sync::mpsc::unbounded_channel::<(Cmd, std::sync::mpsc::Sender<()>)>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || -> Result<()> {
+            netns::enter(&ns)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let api = ApiServer::start().await;
+                let _ = addr_tx.send(api.addr);
+                // Ends when the sender is dropped; dropping the double stops the server.
+                while let Some((cmd, done)) = rx.recv().await {
+                    match cmd {
+                        Cmd::Upsert(v) => {
+                            api.upsert(v);
+                        }
+                        Cmd::Stop => api.stop().await,
+                        Cmd::Restart => api.restart().await,
+                    }
+                    let _ = done.send(());
+                }
+            });
+            Ok(())
+        });
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| anyhow!("the API double did not start"))?;
+        Ok(Double {
+            addr,
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    fn call(&self, cmd: Cmd) -> Result<()> {
+        let (done, wait) = std::sync::mpsc::channel();
+        self.tx
+            .send((cmd, done))
+            .map_err(|_| anyhow!("the API double's thread is gone"))?;
+        wait.recv_timeout(Duration::from_secs(20))
+            .map_err(|_| anyhow!("the API double did not answer within 20 s"))
+    }
+
+    fn upsert(&self, v: &serde_yaml::Value) -> Result<()> {
+        self.call(Cmd::Upsert(serde_json::to_value(v)?))
+    }
+}
+
+impl Drop for Double {
+    fn drop(&mut self) {
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut self.tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The rules with what legitimately moves under traffic removed: nft counters, iptables
+/// packet/byte counters and iptables-save's timestamp comments.
+fn normalized(dump: &str) -> String {
+    dump.lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            let mut out = Vec::new();
+            let mut words = l.split(' ').peekable();
+            while let Some(w) = words.next() {
+                if w == "counter" && words.peek() == Some(&"packets") {
+                    words.nth(3); // packets N bytes M
+                    continue;
+                }
+                if w.starts_with('[') && w.ends_with(']') && w.contains(':') {
+                    continue;
+                }
+                out.push(w);
+            }
+            out.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<()> {
+    let down_for = outage(ctx.preset);
+    let mut w = ctx.work("outage")?;
+    let api = Double::start(ctx.lab.node.path())?;
+    for o in cluster::initial_objects(ctx.scenario) {
+        api.upsert(&o)?;
+    }
+    // The contract command line, with the API instead of the manifest directory.
+    let mut args = ctx.args(&w.manifests);
+    let i = args
+        .iter()
+        .position(|a| a == "--manifests")
+        .context("--manifests in the command line")?;
+    args.drain(i..i + 2);
+    args.extend(["--master".into(), format!("http://{}", api.addr)]);
+    let mut proc = ctx.start(&args, &mut w)?;
+    proc.wait_healthy(Duration::from_secs(30))?;
+    let load = Load::start(
+        &[
+            (ctx.ns(CLIENT_POD), cluster::addr(WEB)),
+            (ctx.ns(EXTERNAL), cluster::addr(WEB_NP)),
+        ],
+        Duration::from_millis(100),
+        down_for + Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let before = ctx.rules_dump()?.map(|d| normalized(&d));
+    api.call(Cmd::Stop)?;
+    let down = Instant::now();
+    // Well into the outage, when every watcher has failed and is backing off.
+    std::thread::sleep(down_for / 4);
+    let late = cluster::addr(LATE);
+    let (pod, node) = (WEB_PODS[0].name, WEB_PODS[0].node);
+    api.upsert(&cluster::service(
+        "late",
+        &late.ip().to_string(),
+        "TCP",
+        late.port(),
+        cluster::WEB_PORT,
+        None,
+    ))?;
+    api.upsert(&cluster::slice(
+        "late-1",
+        "late",
+        "TCP",
+        cluster::WEB_PORT,
+        &[(WEB_PODS[0].ip, node, Some(pod), cluster::Cond::Ready)],
+    ))?;
+    if let Some(left) = down_for.checked_sub(down.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let during = ctx.rules_dump()?.map(|d| normalized(&d));
+    let late_during = netns::in_netns(&ctx.ns(CLIENT_POD), || {
+        Ok(TcpStream::connect_timeout(&late, Duration::from_millis(200)).is_ok())
+    })?;
+    api.call(Cmd::Restart)?;
+    let up = Instant::now();
+    // Probe `late` until it answers (bounded).
+    let seen = netns::in_netns(&ctx.ns(CLIENT_POD), || {
+        let limit = Duration::from_secs(30);
+        let mut tries = 0u32;
+        while up.elapsed() < limit {
+            tries += 1;
+            if TcpStream::connect_timeout(&late, Duration::from_millis(50)).is_ok() {
+                return Ok(Some((up.elapsed(), tries)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(None)
+    })?;
+    let t = load.finish()?;
+    rep.check(
+        t.failures.is_empty() && !t.hits.is_empty(),
+        "traffic kept working through the outage",
+        &format!("{} (API down {:.1} s)", t.summary(), down_for.as_secs_f64()),
+    );
+    match (&before, &during) {
+        (Some(b), Some(d)) => rep.check(
+            b == d && !late_during,
+            "dataplane unchanged during the outage",
+            &format!(
+                "rules {} ({} lines), {LATE} reachable during the outage: {late_during}",
+                if b == d { "identical" } else { "CHANGED" },
+                b.lines().count()
+            ),
+        ),
+        _ => rep.check(
+            !late_during,
+            "dataplane unchanged during the outage",
+            &format!("ebpf: maps not dumped, traffic only; {LATE} reachable during the outage: {late_during}"),
+        ),
+    }
+    match seen {
+        Some((took, tries)) => rep.check(
+            took <= WITHIN,
+            &format!("converged within {} ms of the API's return", WITHIN.as_millis()),
+            &format!(
+                "Service created during the outage answered {} ms after the API came back ({tries} probes)",
+                took.as_millis()
+            ),
+        ),
+        None => rep.check(
+            false,
+            &format!("converged within {} ms of the API's return", WITHIN.as_millis()),
+            "the Service created during the outage never answered (30 s)",
+        ),
+    }
+    ctx.finish(proc, &args, &mut w, rep)?;
+    drop(api);
+    Ok(())
+}

@@ -26,7 +26,7 @@ use shunt::source::{Origin, SourceEvent};
 use tokio::sync::mpsc;
 
 const OUTAGE: Duration = Duration::from_secs(60);
-/// After the API returns, each watcher retries after its current backoff step (at most 1.2 s:
+/// After the API returns, each watcher retries after its current backoff step (at most 480 ms:
 /// source/kube.rs `ReconnectBackoff`). With compacted history the resumed watch then fails
 /// with 410 and the relist waits one more step: two steps, plus generous slack for a loaded
 /// 2-core machine. A bound, not a performance claim (the test prints the time it took).

@@ -95,23 +95,26 @@ pub async fn run(
 
 type Tagged = (Kind, Result<Event<Object>, watcher::Error>);
 
-/// Retry delays after a watch or list error: 100 ms doubling to at most 1 s, each with up to
-/// 20 % random jitter, back to 100 ms after any successful event (kube-runtime's StreamBackoff
-/// resets on every `Ok`).
+/// Retry delays after a watch or list error: 100 ms doubling to at most 400 ms, each with up
+/// to 20 % random jitter, back to 100 ms after any successful event (kube-runtime's
+/// StreamBackoff resets on every `Ok`).
 ///
 /// kube-rs' default (client-go's reflector: 800 ms doubling to 30 s) would leave a node's
 /// Services stale for up to half a minute after an API outage ends; the dataplane keeps serving
-/// the last state meanwhile, but changes made during the outage must land within about a
-/// second of the API's return. The price is at most four requests a second per node while the
-/// API is unreachable, each answered cheaply (connection refused) or throttled by the API
-/// server's priority and fairness.
+/// the last state meanwhile, but changes made during the outage must be in the kernel within a
+/// second of the API's return (issue #8). The cap is what bounds that: each watcher notices the
+/// return at its next retry, at most 480 ms later, and the change still has to be listed or
+/// watched, synced and committed (`cargo xtask soak --scenario outage` measures the whole path;
+/// a 1 s cap measured 1.1 s). The price is at most 2.5 requests a second per watcher, ten per
+/// node, while the API is unreachable, each answered cheaply (connection refused) or throttled
+/// by the API server's priority and fairness; the jitter spreads the nodes' retries.
 struct ReconnectBackoff {
     next: std::time::Duration,
 }
 
 impl ReconnectBackoff {
     const MIN: std::time::Duration = std::time::Duration::from_millis(100);
-    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+    const MAX: std::time::Duration = std::time::Duration::from_millis(400);
 
     fn new() -> Self {
         ReconnectBackoff { next: Self::MIN }
@@ -281,11 +284,11 @@ mod tests {
     use kube::runtime::utils::Backoff as _;
 
     #[test]
-    fn reconnect_backoff_is_capped_near_a_second_and_resets() {
+    fn reconnect_backoff_is_capped_at_400_ms_and_resets() {
         let mut b = ReconnectBackoff::new();
         let delays: Vec<_> = (&mut b).take(8).collect();
-        // 100 ms, 200, 400, 800, then 1 s for ever, each plus at most 20 % jitter.
-        let bases = [100u64, 200, 400, 800, 1000, 1000, 1000, 1000];
+        // 100 ms, 200, then 400 ms for ever, each plus at most 20 % jitter.
+        let bases = [100u64, 200, 400, 400, 400, 400, 400, 400];
         for (d, base) in delays.iter().zip(bases) {
             let base = std::time::Duration::from_millis(base);
             assert!(

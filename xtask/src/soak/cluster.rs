@@ -23,7 +23,8 @@ pub const WEB: &str = "10.96.0.10:80";
 pub const WEB_NP: &str = "192.168.0.2:30080";
 /// Service demo/dns (ClusterIP, UDP 53 -> 5353).
 pub const DNS: &str = "10.96.0.53:53";
-/// Service demo/late (ClusterIP, TCP 80 -> 8080): created while the API is down (outage).
+/// Service demo/late (ClusterIP, TCP 80 -> 8080): no endpoints until one is added while the
+/// API is down (outage).
 pub const LATE: &str = "10.96.0.20:80";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

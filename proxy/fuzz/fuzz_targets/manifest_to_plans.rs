@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use shunt::model::{Changed, DetectLocal, IpFamily, NodeConfig, Object, ObjectRef, Snapshot, Tracker};
+use shunt::model::{
+    Changed, DetectLocal, IpFamily, NodeConfig, Object, ObjectRef, Snapshot, Tracker,
+};
 use shunt::plan::{conntrack, ebpf, iptables, nft};
 use shunt::source::manifests::parse_bytes;
 

@@ -38,11 +38,16 @@ fn churn_service(i: usize) -> Value {
     cluster::service(&format!("churn-{i}"), &ip, "TCP", 80, 8080, None)
 }
 
-/// Generation `g` of Service i's slice: one endpoint stays, the other alternates between two
-/// addresses, so every write is a real endpoint change.
+/// Service i's second endpoint in generation `g`: alternates between two addresses.
+fn moving_ip(i: usize, g: u64) -> String {
+    churn_ip(if g.is_multiple_of(2) { 251 } else { 252 }, i)
+}
+
+/// Generation `g` of Service i's slice: one endpoint stays, the other moves, so every write
+/// is a real endpoint change.
 fn churn_slice(i: usize, g: u64) -> Value {
     let stay = churn_ip(250, i);
-    let moving = churn_ip(if g % 2 == 0 { 251 } else { 252 }, i);
+    let moving = moving_ip(i, g);
     cluster::slice(
         &format!("churn-{i}-1"),
         &format!("churn-{i}"),
@@ -170,7 +175,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     // changed is in the rules (ebpf mode keeps them in maps: the metric stands in).
     let recent: Vec<String> = (1..=10)
         .map(|k| (changes - k) % SERVICES)
-        .map(|i| churn_ip(if generation[i] % 2 == 0 { 251 } else { 252 }, i))
+        .map(|i| moving_ip(i, generation[i]))
         .collect();
     if let Some(dump) = ctx.rules_dump()? {
         let missing: Vec<&String> = recent

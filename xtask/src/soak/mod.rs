@@ -344,7 +344,7 @@ pub fn run(a: &Args) -> Result<bool> {
         passed += rep.passed;
         failed += rep.failed;
     }
-    drop(ctx);
+    // shunt has been stopped by every scenario: the cgroup can go, then the lab.
     drop(cgroup);
     drop(lab);
     println!("{passed} passed, {failed} failed");

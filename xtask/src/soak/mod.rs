@@ -118,6 +118,8 @@ pub struct Work {
     pub dir: tempfile::TempDir,
     pub manifests: PathBuf,
     runs: usize,
+    /// shunt state present before the scenario (see [`Ctx::leftovers`]).
+    before: Vec<String>,
 }
 
 impl Work {
@@ -138,10 +140,19 @@ impl Ctx<'_> {
         let manifests = dir.path().join("manifests");
         std::fs::create_dir(&manifests)?;
         cluster::write(&manifests, &cluster::initial_objects(self.scenario))?;
+        let before = self.state_entries()?;
+        if !before.is_empty() {
+            eprintln!(
+                "note: {} entries of shunt state exist before soak/{name} starts (another run's); \
+                 the cleanup check ignores them",
+                before.len()
+            );
+        }
         Ok(Work {
             dir,
             manifests,
             runs: 0,
+            before,
         })
     }
 
@@ -161,30 +172,42 @@ impl Ctx<'_> {
         self.lab.ns_of(cluster::ip(src)).path()
     }
 
-    /// shunt's state left in the node: nft tables called `shunt*`, iptables `SHUNT-` chains
-    /// through either iptables backend, or (ebpf) pins under /sys/fs/bpf/shunt.
-    fn leftovers(&self) -> Result<usize> {
+    /// shunt's state in the node: nft tables called `shunt*`, iptables `SHUNT-` chains through
+    /// either iptables backend, or (ebpf) pins under /sys/fs/bpf/shunt, minus what was there
+    /// before the scenario started (`w.before`): the pin directory is the machine's (shunt
+    /// joins only the node's network namespace, LAB-NOTES), so another lab's ebpf-mode shunt
+    /// on the same machine may have pins there that this run's `--cleanup` must not touch.
+    fn leftovers(&self, w: &Work) -> Result<usize> {
+        Ok(self
+            .state_entries()?
+            .iter()
+            .filter(|e| !w.before.contains(*e))
+            .count())
+    }
+
+    fn state_entries(&self) -> Result<Vec<String>> {
+        let lines = |text: String, keep: fn(&str) -> bool| {
+            text.lines()
+                .filter(|l| keep(l))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
         Ok(match self.mode {
-            ProxyMode::Iptables => self
-                .lab
-                .node
-                .sh(
+            ProxyMode::Iptables => lines(
+                self.lab.node.sh(
                     "for t in iptables-legacy-save iptables-nft-save ip6tables-legacy-save ip6tables-nft-save; do \
                      command -v $t >/dev/null && $t 2>/dev/null; done; true",
-                )?
-                .lines()
-                .filter(|l| l.starts_with(":SHUNT-"))
-                .count(),
-            ProxyMode::Nftables => self
-                .lab
-                .node
-                .sh("nft list tables")?
-                .lines()
-                .filter(|l| l.contains("shunt"))
-                .count(),
-            // ebpf mode pins in the machine's bpffs (shunt joins only the node's network
-            // namespace, LAB-NOTES); nft/iptables are never used.
-            ProxyMode::Ebpf => std::fs::read_dir("/sys/fs/bpf/shunt").map_or(0, |d| d.count()),
+                )?,
+                |l| l.starts_with(":SHUNT-"),
+            ),
+            ProxyMode::Nftables => lines(self.lab.node.sh("nft list tables")?, |l| {
+                l.contains("shunt")
+            }),
+            ProxyMode::Ebpf => std::fs::read_dir("/sys/fs/bpf/shunt").map_or(Vec::new(), |d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            }),
         })
     }
 
@@ -213,10 +236,11 @@ impl Ctx<'_> {
         rep: &mut Report,
     ) -> Result<()> {
         let st = proc.stop()?;
-        let left = self.leftovers()?;
+        let left = self.leftovers(w)?;
         let still = netns::in_netns(&self.ns(cluster::EXTERNAL), || {
             load::request(cluster::addr(cluster::WEB_NP), 0)
-        });
+        })
+        .map_err(|e| format!("{e:#}"));
         rep.check(
             st.success() && left > 0 && still.is_ok(),
             "SIGTERM leaves the rules serving",
@@ -226,7 +250,7 @@ impl Ctx<'_> {
         cargs.push("--cleanup".into());
         let mut c = self.start(&cargs, w)?;
         let cst = c.wait_exit(Duration::from_secs(30))?;
-        let left = self.leftovers()?;
+        let left = self.leftovers(w)?;
         rep.check(
             cst.success() && left == 0,
             "--cleanup removes everything",

@@ -9,10 +9,10 @@
 //! still has that history, and relisting (with `Delete` for exactly what vanished) when it
 //! answers 410 Gone.
 //!
-//! Each test takes 60 s (the outage) plus kube-rs' reconnect backoff (kube-runtime
-//! `DefaultBackoff`: 800 ms doubling to at most 30 s, plus up to as much again as jitter), so
-//! 1.5 to 3.5 minutes. This is its own test binary so that it runs in parallel with the
-//! others; the two tests here also run in parallel.
+//! Each test takes 60 s (the outage) plus the watchers' reconnect backoff (source/kube.rs
+//! `ReconnectBackoff`, capped at 400 ms plus jitter), so a little over a minute. This is its
+//! own test binary so that it runs in parallel with the others; the two tests here also run
+//! in parallel.
 #[path = "support/apiserver.rs"]
 mod apiserver;
 

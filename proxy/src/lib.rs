@@ -6,6 +6,7 @@
 //! syncs; `serve` answers health checks and metrics.
 pub mod config;
 pub mod dataplane;
+pub mod inspect;
 pub mod model;
 pub mod plan;
 pub mod serve;

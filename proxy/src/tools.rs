@@ -31,14 +31,18 @@ fn target(c: &Common) -> anyhow::Result<Target> {
     })
 }
 
+/// Print to stdout; a closed pipe (`| head`) ends the output quietly, as for any CLI tool.
 fn print<T: serde::Serialize>(output: Output, value: &T, text: impl FnOnce(&T) -> String) {
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("plain data serializes")
-        ),
-        Output::Text => print!("{}", text(value)),
-    }
+    use std::io::Write as _;
+    let doc = match output {
+        Output::Json => {
+            let mut s = serde_json::to_string_pretty(value).expect("plain data serializes");
+            s.push('\n');
+            s
+        }
+        Output::Text => text(value),
+    };
+    let _ = std::io::stdout().lock().write_all(doc.as_bytes());
 }
 
 fn ebpf_only(t: &Target, what: &str) -> anyhow::Result<()> {
@@ -59,7 +63,9 @@ pub fn run(cmd: ToolCommand) -> anyhow::Result<()> {
             if let Some(filter) = &service {
                 let matches = |s: &Option<String>| {
                     s.as_deref().is_some_and(|s| {
-                        s == filter || s.strip_prefix(filter.as_str()).is_some_and(|r| r.starts_with(':'))
+                        s == filter
+                            || s.strip_prefix(filter.as_str())
+                                .is_some_and(|r| r.starts_with(':'))
                     })
                 };
                 for fam in &mut doc.families {
@@ -67,7 +73,9 @@ pub fn run(cmd: ToolCommand) -> anyhow::Result<()> {
                 }
                 if doc.families.iter().all(|f| f.frontends.is_empty()) {
                     if doc.mode == "ebpf" {
-                        bail!("ebpf mode: the BPF maps carry no Service names; run without a filter and look for the frontend's address");
+                        bail!(
+                            "ebpf mode: the BPF maps carry no Service names; run without a filter and look for the frontend's address"
+                        );
                     }
                     bail!("no programmed frontend belongs to {filter}");
                 }
@@ -100,7 +108,12 @@ pub fn run(cmd: ToolCommand) -> anyhow::Result<()> {
             let counters = read::read_ebpf_counters(&t.pin_dir)?;
             print(common.output, &counters, |cs| {
                 cs.iter()
-                    .map(|c| format!("{:<22} {:>12} packets {:>14} bytes\n", c.name, c.packets, c.bytes))
+                    .map(|c| {
+                        format!(
+                            "{:<22} {:>12} packets {:>14} bytes\n",
+                            c.name, c.packets, c.bytes
+                        )
+                    })
                     .collect()
             });
         }
@@ -112,7 +125,10 @@ pub fn run(cmd: ToolCommand) -> anyhow::Result<()> {
         }) => {
             let t = target(&common)?;
             let packet = Packet {
-                protocol: proto.parse().map_err(anyhow::Error::msg).context("--proto")?,
+                protocol: proto
+                    .parse()
+                    .map_err(anyhow::Error::msg)
+                    .context("--proto")?,
                 src,
                 dst: dst.ip(),
                 dport: dst.port(),

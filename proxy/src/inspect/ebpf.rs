@@ -39,8 +39,7 @@ fn proto_of(n: u8) -> Option<Proto> {
 
 fn lpm_contains(set: &BTreeSet<crate::plan::ebpf::Lpm4Ord>, a: Ipv4Addr) -> bool {
     set.iter().any(|c| {
-        Ipv4Net::new(ip4(c.addr), c.prefix_len.min(32) as u8)
-            .is_ok_and(|n| n.contains(&a))
+        Ipv4Net::new(ip4(c.addr), c.prefix_len.min(32) as u8).is_ok_and(|n| n.contains(&a))
     })
 }
 
@@ -119,7 +118,11 @@ pub fn view(st: &State4) -> FamilyView {
             masquerade: st.node_ip != 0
                 && v.flags & (svc_flags::MASQUERADE | svc_flags::MASQUERADE_ALL) != 0,
         };
-        if v.count == 0 || f.external_endpoints.as_ref().is_some_and(BTreeSet::is_empty) {
+        if v.count == 0
+            || f.external_endpoints
+                .as_ref()
+                .is_some_and(BTreeSet::is_empty)
+        {
             f.no_endpoints = Some(if v.flags & svc_flags::REJECT_NO_ENDPOINTS != 0 {
                 NoEndpoints::Reject
             } else {
@@ -174,8 +177,7 @@ pub fn trace(st: &State4, host: &Host, p: &Packet) -> (BTreeSet<Fate>, Vec<Strin
     let from_node = host.local.contains(&p.src);
     let svc = st.services.get(&key).copied();
     let via_socket = from_node
-        && !(host.loopback_attached
-            && svc.is_some_and(|s| s.flags & svc_flags::NODE_ADDRESS != 0));
+        && !(host.loopback_attached && svc.is_some_and(|s| s.flags & svc_flags::NODE_ADDRESS != 0));
     if via_socket {
         why.push("node-originated: translated at the socket (cgroup connect4/sendmsg4)".into());
     } else if from_node {

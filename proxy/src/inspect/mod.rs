@@ -15,6 +15,8 @@ pub mod text;
 pub mod view;
 
 #[cfg(test)]
+mod netns_tests;
+#[cfg(test)]
 mod scenario_tests;
 
 use std::collections::BTreeSet;
@@ -197,9 +199,10 @@ pub fn explain(view: &FamilyView, p: &Packet) -> Vec<String> {
             continue;
         }
         let mut line = format!(
-            "frontend {:?} {}:{}/{}",
-            f.kind,
-            f.address.map_or("<node-port addresses>".to_string(), |a| a.to_string()),
+            "frontend {} {}:{}/{}",
+            text::kind(f.kind),
+            f.address
+                .map_or("<node-port addresses>".to_string(), |a| a.to_string()),
             f.port,
             f.protocol.as_str()
         );
@@ -217,9 +220,25 @@ pub fn explain(view: &FamilyView, p: &Packet) -> Vec<String> {
             line.push_str(&format!(", source ranges {:?}", f.source_ranges));
         }
         if let Some(a) = f.affinity_seconds {
-            line.push_str(&format!(", ClientIP affinity {a}s (a first packet has none yet)"));
+            line.push_str(&format!(
+                ", ClientIP affinity {a}s (a first packet has none yet)"
+            ));
         }
         out.push(line);
+    }
+    if out.is_empty()
+        && let Some(f) = view
+            .frontends
+            .iter()
+            .find(|f| f.kind == FrontendKind::ClusterIp && f.address == Some(p.dst))
+    {
+        out.push(format!(
+            "{} is the ClusterIP of {} but no Service port {}/{} is programmed on it: refused",
+            p.dst,
+            f.service.as_deref().unwrap_or("a Service"),
+            p.dport,
+            p.protocol.as_str()
+        ));
     }
     if out.is_empty() {
         out.push(format!(

@@ -208,7 +208,9 @@ fn duration_secs(s: &str) -> Result<u32, String> {
         num.clear();
     }
     if !num.is_empty() {
-        total += num.parse::<u64>().map_err(|_| format!("bad duration {s}"))?;
+        total += num
+            .parse::<u64>()
+            .map_err(|_| format!("bad duration {s}"))?;
     }
     u32::try_from(total).map_err(|_| format!("duration {s} too long"))
 }
@@ -412,9 +414,14 @@ fn key_type(toks: &[&str]) -> Result<(KeyType, bool), String> {
     };
     let kt = match k {
         ["type", "ipv4_addr" | "ipv6_addr"] => KeyType::Addr,
-        ["type", "ipv4_addr" | "ipv6_addr", ".", "inet_proto", ".", "inet_service"] => {
-            KeyType::AddrProtoPort
-        }
+        [
+            "type",
+            "ipv4_addr" | "ipv6_addr",
+            ".",
+            "inet_proto",
+            ".",
+            "inet_service",
+        ] => KeyType::AddrProtoPort,
         ["type", "inet_proto", ".", "inet_service"] => KeyType::ProtoPort,
         ["typeof", "numgen", "random", "mod", _] => KeyType::Pick,
         other => return Err(format!("unknown set type {other:?}")),
@@ -424,9 +431,8 @@ fn key_type(toks: &[&str]) -> Result<(KeyType, bool), String> {
 
 fn parse_key(kt: KeyType, toks: &[&str]) -> Result<Key, String> {
     let ip = |s: &str| s.parse::<IpAddr>().map_err(|_| format!("bad address {s}"));
-    let port = |s: &str| {
-        parse_num(s).and_then(|p| u16::try_from(p).map_err(|_| format!("port {p}")))
-    };
+    let port =
+        |s: &str| parse_num(s).and_then(|p| u16::try_from(p).map_err(|_| format!("port {p}")));
     Ok(match (kt, toks) {
         (KeyType::Addr, [a]) => Key::Addr(ip(a)?),
         (KeyType::AddrProtoPort, [a, ".", p, ".", n]) => {
@@ -533,8 +539,14 @@ fn set_decl(
             }
             Some("elements") => {
                 // elements = { ... }
-                let open = p.iter().position(|t| t == "{").ok_or("elements without {")?;
-                let close = p.iter().rposition(|t| t == "}").ok_or("elements without }")?;
+                let open = p
+                    .iter()
+                    .position(|t| t == "{")
+                    .ok_or("elements without {")?;
+                let close = p
+                    .iter()
+                    .rposition(|t| t == "}")
+                    .ok_or("elements without }")?;
                 elems = Some(p[open + 1..close].to_vec());
             }
             Some(other) => return Err(format!("set {name}: unknown property {other}")),
@@ -582,10 +594,7 @@ fn base_hook(toks: &[&str]) -> Result<BaseHook, String> {
         "postrouting" => Hook::Postrouting,
         other => return Err(format!("hook {other}")),
     };
-    let end = toks
-        .iter()
-        .position(|t| *t == ";")
-        .unwrap_or(toks.len());
+    let end = toks.iter().position(|t| *t == ";").unwrap_or(toks.len());
     Ok(BaseHook {
         kind,
         hook,

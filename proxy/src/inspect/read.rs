@@ -60,7 +60,10 @@ pub fn read_nft() -> Result<BTreeMap<IpFamily, NftTable>, InspectError> {
     let tables = tool("nft", &["list", "tables"])?;
     let mut out = BTreeMap::new();
     for (fam, f) in [("ip", IpFamily::V4), ("ip6", IpFamily::V6)] {
-        if !tables.lines().any(|l| l.trim() == format!("table {fam} shunt")) {
+        if !tables
+            .lines()
+            .any(|l| l.trim() == format!("table {fam} shunt"))
+        {
             continue;
         }
         let text = tool("nft", &["list", "table", fam, "shunt"])?;
@@ -90,7 +93,11 @@ pub fn iptables_backend(forced: Option<Backend>) -> Option<Backend> {
     if forced.is_some() {
         return forced;
     }
-    let holds = |b| [IpFamily::V4, IpFamily::V6].iter().any(|f| has_shunt_chains(&save(b, *f)));
+    let holds = |b| {
+        [IpFamily::V4, IpFamily::V6]
+            .iter()
+            .any(|f| has_shunt_chains(&save(b, *f)))
+    };
     match (holds(Backend::Nft), holds(Backend::Legacy)) {
         (true, false) => Some(Backend::Nft),
         (false, true) => Some(Backend::Legacy),
@@ -156,7 +163,8 @@ pub fn read_ebpf_state(dir: &Path) -> Result<State4, InspectError> {
     let cip: HashMap<MapData, u32, u32> =
         HashMap::try_from(pinned(dir, names::CLUSTER_IP4)?).map_err(map_err(names::CLUSTER_IP4))?;
     for k in cip.keys() {
-        st.cluster_ips.insert(k.map_err(map_err(names::CLUSTER_IP4))?);
+        st.cluster_ips
+            .insert(k.map_err(map_err(names::CLUSTER_IP4))?);
     }
     let sr: LpmTrie<MapData, SrcRange4, u8> =
         LpmTrie::try_from(pinned(dir, names::SRC_RANGE4)?).map_err(map_err(names::SRC_RANGE4))?;
@@ -271,7 +279,9 @@ pub fn inspect(target: &Target) -> Result<Inspected, InspectError> {
 }
 
 /// Convert the iptables tracer's outcomes.
-pub fn iptables_fates(outcomes: &std::collections::BTreeSet<Outcome>) -> std::collections::BTreeSet<Fate> {
+pub fn iptables_fates(
+    outcomes: &std::collections::BTreeSet<Outcome>,
+) -> std::collections::BTreeSet<Fate> {
     outcomes
         .iter()
         .map(|o| match o {

@@ -24,7 +24,11 @@ pub(crate) fn as_save(restore: &str, jumps: &[crate::plan::iptables::JumpRule]) 
     let mut table = None;
     for line in restore.lines() {
         if let Some(t) = line.strip_prefix('*') {
-            table = Some(if t == "nat" { Table::Nat } else { Table::Filter });
+            table = Some(if t == "nat" {
+                Table::Nat
+            } else {
+                Table::Filter
+            });
             out.push_str(line);
             out.push('\n');
             let builtins: &[&str] = if t == "nat" {
@@ -72,7 +76,9 @@ pub(crate) fn program(snap: &Snapshot, local: &[IpAddr]) -> Programmed {
     let tx = crate::plan::nft::tx::full(std::slice::from_ref(&rs), &Default::default(), false);
     let script = crate::plan::nft::text::to_text(&tx);
     let mut parsed = parse_script(&script).expect("the plan's script parses");
-    let nft = parsed.remove(&snap.network.family).expect("the family's table");
+    let nft = parsed
+        .remove(&snap.network.family)
+        .expect("the family's table");
     assert_eq!(
         nft,
         NftTable::from_ruleset(&rs),
@@ -86,12 +92,18 @@ pub(crate) fn program(snap: &Snapshot, local: &[IpAddr]) -> Programmed {
         },
     )
     .text;
-    let iptables = Tracer::from_save(&as_save(&restore, &crate::plan::iptables::jump_rules()), local)
-        .expect("the rendered rules load as a save");
+    let iptables = Tracer::from_save(
+        &as_save(&restore, &crate::plan::iptables::jump_rules()),
+        local,
+    )
+    .expect("the rendered rules load as a save");
     let (ebpf, ebpf_skip) = match crate::plan::ebpf::desired(snap, local, &Default::default()) {
         Ok(st) => {
             let mut maps = crate::plan::ebpf::State4::default();
-            super::ebpf::apply_ops(&mut maps, &crate::plan::ebpf::diff(&Default::default(), &st));
+            super::ebpf::apply_ops(
+                &mut maps,
+                &crate::plan::ebpf::diff(&Default::default(), &st),
+            );
             assert_eq!(maps, st, "the map operations program the desired content");
             (Some(maps), None)
         }
@@ -159,9 +171,17 @@ fn every_scenario_packet_traces_to_its_verdict_in_every_mode() {
                 let p = packet(pv);
                 let name = format!("{id} :: {}", pv["name"].as_str().unwrap());
                 let want = expected(&pv["expect"]);
-                assert_eq!(nft_trace(&prog.nft, &local, &p).unwrap(), want, "nftables: {name}");
+                assert_eq!(
+                    nft_trace(&prog.nft, &local, &p).unwrap(),
+                    want,
+                    "nftables: {name}"
+                );
                 nft_n += 1;
-                assert_eq!(super::iptables_trace(&prog.iptables, &p).unwrap(), want, "iptables: {name}");
+                assert_eq!(
+                    super::iptables_trace(&prog.iptables, &p).unwrap(),
+                    want,
+                    "iptables: {name}"
+                );
                 ipt_n += 1;
                 let Some(st) = &prog.ebpf else {
                     ebpf_skipped.push(format!(
@@ -178,7 +198,10 @@ fn every_scenario_packet_traces_to_its_verdict_in_every_mode() {
                 match ebpf_limitation(&p) {
                     Some(reason) => {
                         // The limitation must really be what makes it differ.
-                        assert_ne!(got, want, "ebpf: {name} meets the expectation; drop the limitation");
+                        assert_ne!(
+                            got, want,
+                            "ebpf: {name} meets the expectation; drop the limitation"
+                        );
                         ebpf_skipped.push(format!("{name}: {reason}"));
                     }
                     None => {
@@ -196,7 +219,10 @@ fn every_scenario_packet_traces_to_its_verdict_in_every_mode() {
         "traced scenario packets: nftables {nft_n}, iptables {ipt_n}, ebpf {ebpf_n} (+{} skipped)",
         ebpf_skipped.len()
     );
-    assert!(nft_n >= 39 && ipt_n >= 39, "only {nft_n}/{ipt_n} scenario packets");
+    assert!(
+        nft_n >= 39 && ipt_n >= 39,
+        "only {nft_n}/{ipt_n} scenario packets"
+    );
     assert!(ebpf_n >= 20, "only {ebpf_n} ebpf scenario packets");
 }
 
@@ -214,13 +240,27 @@ fn check_view_against_model(mode: &str, id: &str, view: &FamilyView, snap: &Snap
                     && f.protocol == Proto::from(sp.name.protocol)
             })
             .unwrap_or_else(|| panic!("{mode} {id}: no ClusterIP frontend for {}", sp.name));
-        let want: BTreeSet<SocketAddr> = sps.internal_endpoints().iter().map(|e| e.addr()).collect();
+        let want: BTreeSet<SocketAddr> =
+            sps.internal_endpoints().iter().map(|e| e.addr()).collect();
         assert_eq!(f.endpoints, want, "{mode} {id}: endpoints of {}", sp.name);
-        assert_eq!(want.is_empty(), f.no_endpoints.is_some(), "{mode} {id}: {} no-endpoint verdict", sp.name);
+        assert_eq!(
+            want.is_empty(),
+            f.no_endpoints.is_some(),
+            "{mode} {id}: {} no-endpoint verdict",
+            sp.name
+        );
         if mode != "ebpf" {
-            assert_eq!(f.service.as_deref(), Some(sp.name.to_string().as_str()), "{mode} {id}");
+            assert_eq!(
+                f.service.as_deref(),
+                Some(sp.name.to_string().as_str()),
+                "{mode} {id}"
+            );
         }
-        assert_eq!(f.affinity_seconds, sp.affinity_timeout_seconds, "{mode} {id}: affinity of {}", sp.name);
+        assert_eq!(
+            f.affinity_seconds, sp.affinity_timeout_seconds,
+            "{mode} {id}: affinity of {}",
+            sp.name
+        );
     }
 }
 
@@ -239,7 +279,10 @@ fn inspect_views_round_trip_json_and_match_the_model() {
             let fam = snap.network.family;
             let mut views = vec![
                 ("nftables", super::view::from_nft(fam, &prog.nft)),
-                ("iptables", super::view::from_iptables(fam, prog.iptables.chains())),
+                (
+                    "iptables",
+                    super::view::from_iptables(fam, prog.iptables.chains()),
+                ),
             ];
             if let Some(st) = &prog.ebpf {
                 views.push(("ebpf", super::ebpf::view(st)));

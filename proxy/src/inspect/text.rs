@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use super::view::{FrontendKind, FrontendView, Inspected};
 use super::{Fate, TraceResult};
 
-fn kind(k: FrontendKind) -> &'static str {
+pub fn kind(k: FrontendKind) -> &'static str {
     match k {
         FrontendKind::ClusterIp => "ClusterIP",
         FrontendKind::NodePort => "NodePort",
@@ -60,7 +60,7 @@ fn frontend(out: &mut String, f: &FrontendView) {
         flags.push(format!("source ranges {}", r.join(", ")));
     }
     if f.masquerade {
-        flags.push("masquerade".into());
+        flags.push("masquerades some sources".into());
     }
     if !flags.is_empty() {
         let _ = writeln!(out, "      {}", flags.join("; "));

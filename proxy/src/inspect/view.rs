@@ -194,12 +194,16 @@ fn nft_reach(t: &NftTable, chain: &str) -> Reach {
 /// to the Cluster chain (`ip saddr <pods> goto service-...`, `fib saddr type local goto`).
 fn nft_external_only(t: &NftTable, chain: &str) -> Option<BTreeSet<SocketAddr>> {
     let c = t.chains.get(chain)?;
-    let short = c.rules.iter().find_map(|r| match (&r.verdict, r.matches.first()) {
-        (Some(Verdict::Goto(g)), Some(Match::Saddr { negate: false, .. } | Match::FibSaddrLocal)) => {
-            Some(g.clone())
-        }
-        _ => None,
-    })?;
+    let short = c
+        .rules
+        .iter()
+        .find_map(|r| match (&r.verdict, r.matches.first()) {
+            (
+                Some(Verdict::Goto(g)),
+                Some(Match::Saddr { negate: false, .. } | Match::FibSaddrLocal),
+            ) => Some(g.clone()),
+            _ => None,
+        })?;
     let mut r = Reach::default();
     nft_walk(t, chain, &mut r, &mut HashSet::new(), &short);
     Some(r.endpoints)
@@ -249,9 +253,12 @@ pub fn from_nft(family: IpFamily, t: &NftTable) -> FamilyView {
                 continue;
             };
             let (addr, port, proto, kind) = match e.key {
-                Key::AddrProtoPort(a, p, n) if !nodeport => {
-                    (Some(a), n, Proto::from(p), kind_of(&a, n, Proto::from(p), chain))
-                }
+                Key::AddrProtoPort(a, p, n) if !nodeport => (
+                    Some(a),
+                    n,
+                    Proto::from(p),
+                    kind_of(&a, n, Proto::from(p), chain),
+                ),
                 Key::ProtoPort(p, n) if nodeport => {
                     (None, n, Proto::from(p), FrontendKind::NodePort)
                 }
@@ -307,9 +314,9 @@ pub fn from_nft(family: IpFamily, t: &NftTable) -> FamilyView {
                 }
                 _ => continue,
             };
-            let f = out.entry((addr, port, proto, kind)).or_insert_with(|| {
-                FrontendView::new(e.comment.clone(), kind, addr, port, proto)
-            });
+            let f = out
+                .entry((addr, port, proto, kind))
+                .or_insert_with(|| FrontendView::new(e.comment.clone(), kind, addr, port, proto));
             f.no_endpoints = Some(verdict);
         }
     }
@@ -394,14 +401,19 @@ fn ipt_walk(c: &IptChains, chain: &str, r: &mut Reach, seen: &mut HashSet<String
         return;
     }
     let fw = chain.starts_with("SHUNT-FW-");
-    for args in c.get(&(Table::Nat, chain.to_string())).into_iter().flatten() {
+    for args in c
+        .get(&(Table::Nat, chain.to_string()))
+        .into_iter()
+        .flatten()
+    {
         let rule = ipt_rule(args);
         if let Some(s) = rule.seconds {
             r.affinity = Some(s);
         }
         match rule.target {
             Some("DNAT") => {
-                r.endpoints.extend(rule.to.and_then(|t| t.parse::<SocketAddr>().ok()));
+                r.endpoints
+                    .extend(rule.to.and_then(|t| t.parse::<SocketAddr>().ok()));
             }
             Some(t) if t.starts_with(crate::plan::iptables::CHAIN_PREFIX) => {
                 // The FW chain's `-s RANGE -j SHUNT-EXT/SVC/SVL` rules: accepted ranges.
@@ -443,11 +455,31 @@ fn ipt_external_only(c: &IptChains, ext: &str) -> Option<BTreeSet<SocketAddr>> {
 fn ipt_comment(comment: &str, nodeport: bool) -> (String, FrontendKind, Option<NoEndpoints>) {
     let kinds: [(&str, FrontendKind, Option<NoEndpoints>); 8] = [
         (" cluster IP", FrontendKind::ClusterIp, None),
-        (" has no local endpoints", FrontendKind::ClusterIp, Some(NoEndpoints::Drop)),
-        (" has no endpoints", FrontendKind::ClusterIp, Some(NoEndpoints::Reject)),
-        (" external IP has no usable endpoints", FrontendKind::ExternalIp, None),
-        (" loadbalancer IP has no usable endpoints", FrontendKind::LoadBalancer, None),
-        (" nodePort has no usable endpoints", FrontendKind::NodePort, None),
+        (
+            " has no local endpoints",
+            FrontendKind::ClusterIp,
+            Some(NoEndpoints::Drop),
+        ),
+        (
+            " has no endpoints",
+            FrontendKind::ClusterIp,
+            Some(NoEndpoints::Reject),
+        ),
+        (
+            " external IP has no usable endpoints",
+            FrontendKind::ExternalIp,
+            None,
+        ),
+        (
+            " loadbalancer IP has no usable endpoints",
+            FrontendKind::LoadBalancer,
+            None,
+        ),
+        (
+            " nodePort has no usable endpoints",
+            FrontendKind::NodePort,
+            None,
+        ),
         (" external IP", FrontendKind::ExternalIp, None),
         (" loadbalancer IP", FrontendKind::LoadBalancer, None),
     ];
@@ -471,7 +503,11 @@ pub fn from_iptables(family: IpFamily, chains: &IptChains) -> FamilyView {
         BTreeMap::new();
     let mut node_port_addresses: Option<BTreeSet<IpAddr>> = Some(BTreeSet::new());
     let mut push = |table: Table, chain: &str, nodeport: bool| {
-        for args in chains.get(&(table, chain.to_string())).into_iter().flatten() {
+        for args in chains
+            .get(&(table, chain.to_string()))
+            .into_iter()
+            .flatten()
+        {
             let r = ipt_rule(args);
             let (Some(target), Some(dport), Some(proto)) = (r.target, r.dport, r.proto) else {
                 continue;
@@ -561,7 +597,13 @@ pub fn from_iptables(family: IpFamily, chains: &IptChains) -> FamilyView {
                 m.no_endpoints = m.no_endpoints.or(f.no_endpoints);
             }
             None => {
-                merged.insert(key, FrontendView { address: key.0, ..f });
+                merged.insert(
+                    key,
+                    FrontendView {
+                        address: key.0,
+                        ..f
+                    },
+                );
             }
         }
     }

@@ -59,11 +59,16 @@ fn listing_of_an_etp_local_service_parses_into_its_frontends() {
     let find = |kind, addr: Option<&str>, port| {
         view.frontends
             .iter()
-            .find(|f| f.kind == kind && f.address == addr.map(|a| a.parse().unwrap()) && f.port == port)
+            .find(|f| {
+                f.kind == kind && f.address == addr.map(|a| a.parse().unwrap()) && f.port == port
+            })
             .unwrap_or_else(|| panic!("{kind:?} {addr:?}:{port} in {:#?}", view.frontends))
     };
     let cip = find(FrontendKind::ClusterIp, Some("172.30.0.41"), 80);
-    assert_eq!((&cip.service, &cip.endpoints, &cip.external_endpoints), (&svc, &both, &None));
+    assert_eq!(
+        (&cip.service, &cip.endpoints, &cip.external_endpoints),
+        (&svc, &both, &None)
+    );
     for f in [
         find(FrontendKind::NodePort, None, 3001),
         find(FrontendKind::External, Some("198.51.100.4"), 80),
@@ -89,15 +94,24 @@ fn listing_traces_like_the_scenario_says() {
         .collect();
     let both = ["10.180.0.1:80", "10.180.2.1:80"];
     let cases = [
-        (pkt("203.0.113.2", "198.51.100.4", 80), dnat(&["10.180.2.1:80"], false)),
+        (
+            pkt("203.0.113.2", "198.51.100.4", 80),
+            dnat(&["10.180.2.1:80"], false),
+        ),
         (pkt("10.0.0.2", "198.51.100.4", 80), dnat(&both, false)),
         (pkt("10.0.0.2", "192.168.0.2", 3001), dnat(&both, false)),
         (pkt("192.168.0.2", "192.168.0.2", 3001), dnat(&both, true)),
-        (pkt("203.0.113.2", "192.168.0.2", 3001), dnat(&["10.180.2.1:80"], false)),
+        (
+            pkt("203.0.113.2", "192.168.0.2", 3001),
+            dnat(&["10.180.2.1:80"], false),
+        ),
         (pkt("10.0.0.2", "172.30.0.41", 80), dnat(&both, false)),
         (pkt("10.0.0.2", "172.30.0.41", 81), [Fate::Reject].into()),
         (pkt("10.0.0.2", "172.30.0.99", 80), [Fate::Drop].into()),
-        (pkt("10.0.0.2", "10.180.0.1", 80), [Fate::Untouched { masquerade: false }].into()),
+        (
+            pkt("10.0.0.2", "10.180.0.1", 80),
+            [Fate::Untouched { masquerade: false }].into(),
+        ),
     ];
     for (p, want) in cases {
         assert_eq!(nft_trace(t, &node, &p).unwrap(), want, "{p:?}");
@@ -119,7 +133,10 @@ fn ipv6_listing_parses_bracketed_dnat_and_element_keys() {
         cip.endpoints,
         [sa("[fd00:10:180::1]:80"), sa("[fd00:10:180::2:1]:80")].into()
     );
-    let node: Vec<IpAddr> = vec!["2001:db8::1".parse().unwrap(), "2001:db8:1::2".parse().unwrap()];
+    let node: Vec<IpAddr> = vec![
+        "2001:db8::1".parse().unwrap(),
+        "2001:db8:1::2".parse().unwrap(),
+    ];
     assert_eq!(
         nft_trace(t, &node, &pkt("2001:db8:ff::1", "2001:db8::1", 3001)).unwrap(),
         dnat(&["[fd00:10:180::1]:80", "[fd00:10:180::2:1]:80"], true)
@@ -174,7 +191,10 @@ fn element_comments_wrapped_lists_and_timeouts() {
     assert_eq!(
         fw.matches,
         vec![Match::Saddr {
-            nets: vec!["192.168.0.0/24".parse().unwrap(), "203.0.113.0/25".parse().unwrap()],
+            nets: vec![
+                "192.168.0.0/24".parse().unwrap(),
+                "203.0.113.0/25".parse().unwrap()
+            ],
             negate: true
         }]
     );

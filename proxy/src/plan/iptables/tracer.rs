@@ -306,15 +306,15 @@ impl Tracer {
                 }
                 "-m" => {
                     if ![
-                            "comment",
-                            "tcp",
-                            "udp",
-                            "sctp",
-                            "addrtype",
-                            "statistic",
-                            "recent",
-                            "mark",
-                            "conntrack"
+                        "comment",
+                        "tcp",
+                        "udp",
+                        "sctp",
+                        "addrtype",
+                        "statistic",
+                        "recent",
+                        "mark",
+                        "conntrack",
                     ]
                     .contains(&arg(i))
                     {

@@ -219,7 +219,12 @@ impl<'a> Run<'a> {
     }
 
     /// Runs a jump/goto target. Returns the flow that ends the calling chain, if any.
-    fn call(&mut self, target: &str, p: &Packet, is_goto: bool) -> Result<Option<Flow>, TraceError> {
+    fn call(
+        &mut self,
+        target: &str,
+        p: &Packet,
+        is_goto: bool,
+    ) -> Result<Option<Flow>, TraceError> {
         Ok(match self.run_chain(target, p)? {
             Flow::Return if is_goto => Some(Flow::Return),
             Flow::Return => None,

@@ -112,7 +112,7 @@ fn service_of_chain(chain: &str) -> Option<String> {
     let readable = readable.split("__").next()?;
     let parts: Vec<&str> = readable.split('/').collect();
     match parts.as_slice() {
-        [ns, name, _proto, port] if port.is_empty() => Some(format!("{ns}/{name}")),
+        [ns, name, _proto, ""] => Some(format!("{ns}/{name}")),
         [ns, name, _proto, port] => Some(format!("{ns}/{name}:{port}")),
         _ => Some(readable.to_string()),
     }

@@ -304,3 +304,129 @@ fn inspect_views_round_trip_json_and_match_the_model() {
     eprintln!("checked {checked} inspect views");
     assert!(checked >= 14, "only {checked} views");
 }
+
+/// What the scenarios do not exercise: a LoadBalancer with source ranges, an externalIP,
+/// ClientIP affinity and eTP=Local, seen the same way in every mode's view, and traced.
+#[test]
+fn load_balancer_source_ranges_affinity_and_local_policy_in_every_view() {
+    use crate::model::Protocol;
+    use crate::plan::nft::fixtures::{NODE, ep, net, network, port, snapshot, state};
+    let mut lb = port("ns1", "lb", "http", Protocol::Tcp, "172.30.0.50", 80);
+    lb.node_port = Some(3050);
+    lb.load_balancer_ips = vec!["198.51.100.8".parse().unwrap()];
+    lb.load_balancer_source_ranges = vec![net("203.0.113.0/25")];
+    lb.external_ips = vec!["192.168.99.20".parse().unwrap()];
+    lb.affinity_timeout_seconds = Some(300);
+    lb.external_policy_local = true;
+    let snap = snapshot(
+        network(
+            IpFamily::V4,
+            &["192.168.0.2"],
+            &["10.0.0.0/8"],
+            &["172.30.0.0/16"],
+        ),
+        vec![state(
+            lb,
+            vec![
+                ep("10.180.0.1", 8080, Some(NODE)),
+                ep("10.180.2.1", 8080, Some("other")),
+            ],
+        )],
+    );
+    let local: Vec<IpAddr> = vec!["192.168.0.2".parse().unwrap()];
+    let prog = program(&snap, &local);
+    let all: BTreeSet<SocketAddr> = ["10.180.0.1:8080", "10.180.2.1:8080"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let mine: BTreeSet<SocketAddr> = ["10.180.0.1:8080".parse().unwrap()].into();
+    let views = [
+        ("nftables", super::view::from_nft(IpFamily::V4, &prog.nft)),
+        (
+            "iptables",
+            super::view::from_iptables(IpFamily::V4, prog.iptables.chains()),
+        ),
+        ("ebpf", super::ebpf::view(prog.ebpf.as_ref().unwrap())),
+    ];
+    for (mode, view) in &views {
+        let at = |a: &str| {
+            view.frontends
+                .iter()
+                .find(|f| f.address == Some(a.parse().unwrap()) && f.port == 80)
+                .unwrap_or_else(|| panic!("{mode}: {a} in {:#?}", view.frontends))
+        };
+        let lbf = at("198.51.100.8");
+        assert!(
+            matches!(
+                lbf.kind,
+                FrontendKind::LoadBalancer | FrontendKind::External
+            ),
+            "{mode}: {lbf:?}"
+        );
+        assert_eq!(lbf.source_ranges, [net("203.0.113.0/25")].into(), "{mode}");
+        assert_eq!(lbf.affinity_seconds, Some(300), "{mode}");
+        assert_eq!(
+            lbf.endpoints, all,
+            "{mode}: pods and the node reach every endpoint"
+        );
+        assert_eq!(
+            lbf.external_endpoints.as_ref(),
+            Some(&mine),
+            "{mode}: outside only local ones"
+        );
+        let ext = at("192.168.99.20");
+        assert!(
+            ext.source_ranges.is_empty(),
+            "{mode}: source ranges are LoadBalancer-only"
+        );
+        assert_eq!(ext.external_endpoints.as_ref(), Some(&mine), "{mode}");
+        let cip = at("172.30.0.50");
+        assert_eq!(
+            (cip.kind, &cip.endpoints, cip.external_endpoints.as_ref()),
+            (FrontendKind::ClusterIp, &all, None),
+            "{mode}"
+        );
+    }
+    let p = |src: &str, dst: &str| Packet {
+        protocol: Proto::Tcp,
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        dport: 80,
+    };
+    let inside = p("203.0.113.2", "198.51.100.8");
+    let outside = p("203.0.113.130", "198.51.100.8");
+    let want_in: BTreeSet<Fate> = [Fate::Endpoint {
+        endpoint: "10.180.0.1:8080".parse().unwrap(),
+        masquerade: false,
+    }]
+    .into();
+    let host = super::ebpf::Host {
+        local: local.clone(),
+        loopback_attached: true,
+    };
+    let st = prog.ebpf.as_ref().unwrap();
+    for (mode, got_in, got_out) in [
+        (
+            "nftables",
+            nft_trace(&prog.nft, &local, &inside).unwrap(),
+            nft_trace(&prog.nft, &local, &outside).unwrap(),
+        ),
+        (
+            "iptables",
+            super::iptables_trace(&prog.iptables, &inside).unwrap(),
+            super::iptables_trace(&prog.iptables, &outside).unwrap(),
+        ),
+        (
+            "ebpf",
+            super::ebpf::trace(st, &host, &inside).0,
+            super::ebpf::trace(st, &host, &outside).0,
+        ),
+    ] {
+        assert_eq!(got_in, want_in, "{mode}: inside the source range");
+        assert_eq!(
+            got_out,
+            [Fate::Drop].into(),
+            "{mode}: outside the source range"
+        );
+    }
+}

@@ -153,6 +153,15 @@ pub fn nft_trace(
     local: &[IpAddr],
     p: &Packet,
 ) -> Result<BTreeSet<Fate>, InspectError> {
+    Ok(nft_trace_explained(t, local, p)?.0)
+}
+
+/// [`nft_trace`] with, for each fate, the chains its first branch went through.
+pub fn nft_trace_explained(
+    t: &nft::NftTable,
+    local: &[IpAddr],
+    p: &Packet,
+) -> Result<(BTreeSet<Fate>, Vec<String>), InspectError> {
     let pkt = crate::plan::nft::trace::Packet {
         protocol: p.protocol.into(),
         src: p.src,
@@ -161,7 +170,26 @@ pub fn nft_trace(
     };
     let tr = crate::plan::nft::trace::try_trace(t.chain_defs(), t.element_list(), local, &pkt)
         .map_err(|e| InspectError::Trace(e.to_string()))?;
-    Ok(read::nft_fates(&tr))
+    let fates = read::nft_fates(&tr);
+    // Chains that only returned (checks that did not apply) are noise; keep the rest.
+    let why = tr
+        .paths
+        .iter()
+        .map(|(fate, path)| {
+            let mut chains: Vec<&str> = path
+                .iter()
+                .map(String::as_str)
+                .filter(|c| t.chains.get(*c).is_some_and(|d| !d.rules.is_empty()))
+                .collect();
+            chains.dedup();
+            format!(
+                "{}: chains {}",
+                text::fate(&read::nft_fate(fate)),
+                chains.join(" > ")
+            )
+        })
+        .collect();
+    Ok((fates, why))
 }
 
 /// Trace through one family's iptables chains.

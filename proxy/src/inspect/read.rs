@@ -296,23 +296,25 @@ pub fn iptables_fates(
         .collect()
 }
 
+/// Convert one fate of the nft tracer.
+pub fn nft_fate(f: &crate::plan::nft::trace::Fate) -> Fate {
+    use crate::plan::nft::trace::Fate as F;
+    match f {
+        F::Dnat { to, masquerade } => Fate::Endpoint {
+            endpoint: *to,
+            masquerade: *masquerade,
+        },
+        F::Passthrough { masquerade } => Fate::Untouched {
+            masquerade: *masquerade,
+        },
+        F::Drop => Fate::Drop,
+        F::Reject => Fate::Reject,
+    }
+}
+
 /// Convert the nft tracer's fates.
 pub fn nft_fates(t: &crate::plan::nft::trace::Trace) -> std::collections::BTreeSet<Fate> {
-    use crate::plan::nft::trace::Fate as F;
-    t.fates
-        .iter()
-        .map(|f| match f {
-            F::Dnat { to, masquerade } => Fate::Endpoint {
-                endpoint: *to,
-                masquerade: *masquerade,
-            },
-            F::Passthrough { masquerade } => Fate::Untouched {
-                masquerade: *masquerade,
-            },
-            F::Drop => Fate::Drop,
-            F::Reject => Fate::Reject,
-        })
-        .collect()
+    t.fates.iter().map(nft_fate).collect()
 }
 
 /// `shunt trace`.
@@ -323,15 +325,15 @@ pub fn trace(target: &Target, p: &Packet) -> Result<TraceResult, InspectError> {
         mode: mode.as_str().into(),
         family: super::view::family_name(family).into(),
     };
+    let mut why = Vec::new();
     let (fates, view) = match mode {
         ProxyMode::Nftables => {
             let tables = read_nft()?;
             let t = tables.get(&family).ok_or_else(missing)?;
             let local = local_addresses()?;
-            (
-                super::nft_trace(t, &local, p)?,
-                super::view::from_nft(family, t),
-            )
+            let (fates, paths) = super::nft_trace_explained(t, &local, p)?;
+            why = paths;
+            (fates, super::view::from_nft(family, t))
         }
         ProxyMode::Iptables => {
             let b = iptables_backend(target.backend).ok_or_else(missing)?;
@@ -359,11 +361,13 @@ pub fn trace(target: &Target, p: &Packet) -> Result<TraceResult, InspectError> {
             });
         }
     };
+    let mut lines = super::explain(&view, p);
+    lines.extend(why);
     Ok(TraceResult {
         mode: mode.as_str().into(),
         packet: *p,
         fates,
-        why: super::explain(&view, p),
+        why: lines,
     })
 }
 

@@ -97,25 +97,29 @@ pub fn trace(t: &TraceResult) -> String {
         t.mode
     );
     for f in &t.fates {
-        let line = match f {
-            Fate::Endpoint {
-                endpoint,
-                masquerade,
-            } => format!(
-                "DNAT to {endpoint}{}",
-                if *masquerade { ", masqueraded" } else { "" }
-            ),
-            Fate::Drop => "DROP".into(),
-            Fate::Reject => "REJECT".into(),
-            Fate::Untouched { masquerade } => format!(
-                "untouched (not a Service){}",
-                if *masquerade { ", masqueraded" } else { "" }
-            ),
-        };
-        let _ = writeln!(out, "  verdict: {line}");
+        let _ = writeln!(out, "  verdict: {}", fate(f));
     }
     for w in &t.why {
         let _ = writeln!(out, "  why: {w}");
     }
     out
+}
+
+/// One fate, one line.
+pub fn fate(f: &Fate) -> String {
+    match f {
+        Fate::Endpoint {
+            endpoint,
+            masquerade,
+        } => format!(
+            "DNAT to {endpoint}{}",
+            if *masquerade { ", masqueraded" } else { "" }
+        ),
+        Fate::Drop => "DROP".into(),
+        Fate::Reject => "REJECT".into(),
+        Fate::Untouched { masquerade } => format!(
+            "untouched (not a Service){}",
+            if *masquerade { ", masqueraded" } else { "" }
+        ),
+    }
 }

@@ -58,6 +58,8 @@ pub enum TraceError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Trace {
     pub fates: BTreeSet<Fate>,
+    /// For each fate, the chains the first branch reaching it went through, in order.
+    pub paths: std::collections::BTreeMap<Fate, Vec<String>>,
 }
 
 impl Trace {
@@ -95,6 +97,8 @@ struct Run<'a> {
     dnat: Option<SocketAddr>,
     masquerade: bool,
     depth: usize,
+    /// Chains entered, in order (for explaining a verdict).
+    path: Vec<String>,
 }
 
 fn in_nets(ip: &IpAddr, nets: &[ipnet::IpNet]) -> bool {
@@ -128,6 +132,7 @@ impl<'a> Run<'a> {
 
     fn run_chain(&mut self, name: &str, p: &Packet) -> Result<Flow, TraceError> {
         self.depth += 1;
+        self.path.push(name.to_string());
         if self.depth >= 64 {
             return Err(TraceError::Loop(name.to_string()));
         }
@@ -307,6 +312,7 @@ pub fn try_trace<'a>(
     }
     let elements = element_map;
     let mut fates = BTreeSet::new();
+    let mut paths = std::collections::BTreeMap::new();
     // Depth-first over the choices: `pending` holds pick prefixes still to explore.
     let mut pending: Vec<Vec<usize>> = vec![Vec::new()];
     let mut runs = 0;
@@ -326,8 +332,13 @@ pub fn try_trace<'a>(
             dnat: None,
             masquerade: false,
             depth: 0,
+            path: Vec::new(),
         };
-        fates.insert(run.path(p)?);
+        let fate = run.path(p)?;
+        paths
+            .entry(fate.clone())
+            .or_insert_with(|| run.path.clone());
+        fates.insert(fate);
         // Branch on every numgen reached beyond the forced prefix.
         for (i, width) in run.widths.iter().enumerate().skip(picks.len()) {
             let mut prefix: Vec<usize> = picks.clone();
@@ -339,7 +350,7 @@ pub fn try_trace<'a>(
             }
         }
     }
-    Ok(Trace { fates })
+    Ok(Trace { fates, paths })
 }
 
 /// Bound on the endpoint choices explored for one packet (each `numgen` multiplies them).

@@ -94,3 +94,64 @@ where
     }
     Some(ToolCommand::try_parse_from(args))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_proxy_command_lines_are_not_subcommands() {
+        for args in [
+            vec![
+                "shunt",
+                "--proxy-mode",
+                "nftables",
+                "--manifests",
+                "inspect",
+            ],
+            vec!["shunt", "--cleanup"],
+            vec!["shunt"],
+            vec!["shunt", "--hostname-override", "trace"],
+        ] {
+            assert!(tool_command(args.clone()).is_none(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn subcommands_parse_their_flags() {
+        let cmd = tool_command([
+            "shunt",
+            "trace",
+            "--src",
+            "10.0.0.2",
+            "--dst",
+            "[fd00::1]:80",
+            "--proto",
+            "udp",
+            "-o",
+            "json",
+            "--proxy-mode",
+            "iptables",
+        ])
+        .unwrap()
+        .unwrap();
+        let ToolCommand::Trace(t) = cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(t.dst, "[fd00::1]:80".parse().unwrap());
+        assert_eq!((t.proto.as_str(), t.common.output), ("udp", Output::Json));
+        assert_eq!(t.common.proxy_mode.as_deref(), Some("iptables"));
+        assert_eq!(t.common.pin_dir, PathBuf::from("/sys/fs/bpf/shunt"));
+        let cmd = tool_command(["shunt", "inspect", "services", "ns1/svc1"])
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            cmd,
+            ToolCommand::Inspect(InspectWhat::Services { service: Some(ref s), .. }) if s == "ns1/svc1"
+        ));
+        let err = tool_command(["shunt", "trace", "--src", "10.0.0.2", "--dst", "10.0.0.3"])
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("--dst"), "{err}");
+    }
+}

@@ -322,14 +322,23 @@ pub fn from_nft(family: IpFamily, t: &NftTable) -> FamilyView {
     }
     // A no-endpoint element shadows the dispatch for part of the sources (Local policy):
     // kept on the same frontend above.
-    let node_port_addresses = t.elements.get(names::NODEPORT_IPS).map(|m| {
-        m.keys()
-            .filter_map(|k| match k {
-                Key::Addr(a) => Some(*a),
-                _ => None,
-            })
-            .collect()
+    // `fib daddr type local` in the dispatch chain: every local address accepts NodePorts.
+    let all_local = t.chains.get(names::SERVICES).is_some_and(|c| {
+        c.rules
+            .iter()
+            .any(|r| r.matches.contains(&Match::FibDaddrLocal))
     });
+    let node_port_addresses = (!all_local)
+        .then_some(())
+        .and_then(|()| t.elements.get(names::NODEPORT_IPS))
+        .map(|m| {
+            m.keys()
+                .filter_map(|k| match k {
+                    Key::Addr(a) => Some(*a),
+                    _ => None,
+                })
+                .collect()
+        });
     FamilyView {
         family: family_name(family).into(),
         node_port_addresses,

@@ -393,3 +393,172 @@ fn inspect_and_trace_a_running_shunt() {
     let out = shunt(&ns.0, &["inspect", "services"]);
     assert!(!out.status.success(), "everything cleaned up");
 }
+
+/// A private bpffs mount, unmounted on drop (also when an assertion failed).
+struct Bpffs(tempfile::TempDir);
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.0.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// The manifests above through the real model, as shunt would see them on node1.
+fn snapshot() -> shunt::model::Snapshot {
+    use shunt::model::{DetectLocal, IpFamily, NodeConfig, Object, Tracker};
+    let mut t = Tracker::new(NodeConfig {
+        node_name: "node1".into(),
+        families: vec![IpFamily::V4],
+        detect_local: DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()]),
+        masquerade_all: false,
+        node_port_addresses: vec!["10.0.0.0/24".parse().unwrap()],
+    });
+    for doc in MANIFESTS.split("\n---\n") {
+        let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+        let obj = match v["kind"].as_str().unwrap() {
+            "Node" => Object::Node(Box::new(serde_yaml::from_value(v).unwrap())),
+            "ServiceCIDR" => Object::ServiceCidr(Box::new(serde_yaml::from_value(v).unwrap())),
+            "Service" => Object::Service(Box::new(serde_yaml::from_value(v).unwrap())),
+            "EndpointSlice" => Object::EndpointSlice(Box::new(serde_yaml::from_value(v).unwrap())),
+            other => panic!("kind {other}"),
+        };
+        t.apply(obj).unwrap();
+    }
+    t.set_local_addresses(vec!["10.0.0.2".parse().unwrap()]);
+    t.take_update();
+    t.snapshots()[0].clone()
+}
+
+/// ebpf mode: the plan's map operations written into maps pinned on a private bpffs (the
+/// kernel object loaded as the dataplane loads it), then the binary reads the pins.
+#[test]
+fn inspect_and_trace_pinned_ebpf_maps() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: needs root to mount a bpffs and load BPF programs");
+        return;
+    }
+    for t in ["ip", "mount"] {
+        if !tool(t) {
+            eprintln!("skipping: needs {t}");
+            return;
+        }
+    }
+    let ns = Netns(format!("shunt-inspb-{}", std::process::id()));
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .unwrap()
+            .success()
+    );
+    must(&ns.0, &["ip", "link", "set", "lo", "up"]);
+    must(&ns.0, &["ip", "addr", "add", "10.0.0.2/32", "dev", "lo"]);
+    let mnt = Bpffs(tempfile::tempdir().unwrap());
+    assert!(
+        Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(mnt.0.path())
+            .status()
+            .unwrap()
+            .success()
+    );
+    let pins = mnt.0.path().join("shunt");
+    std::fs::create_dir(&pins).unwrap();
+    let snap = snapshot();
+    let local = vec!["10.0.0.2".parse().unwrap()];
+    let st = shunt::plan::ebpf::desired(&snap, &local, &Default::default()).unwrap();
+    {
+        let mut ebpf = shunt::dataplane::ebpf::load_object(Some(&pins)).expect("load the object");
+        shunt::dataplane::ebpf::apply_ops(
+            &mut ebpf,
+            &shunt::plan::ebpf::diff(&Default::default(), &st),
+        )
+        .expect("write the maps");
+    }
+    let pin = pins.to_str().unwrap();
+    // `ip netns exec` remounts /sys only: the temp dir's bpffs stays visible.
+    let doc: Inspected = json(
+        &ns.0,
+        &["inspect", "services", "--pin-dir", pin, "-o", "json"],
+    );
+    assert_eq!(doc.mode, "ebpf", "detected from the pins");
+    let back: Inspected = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
+    assert_eq!(back, doc);
+    let fr = &doc.families[0].frontends;
+    let ep: BTreeSet<SocketAddr> = ["10.244.0.5:8080".parse().unwrap()].into();
+    let cip = fr
+        .iter()
+        .find(|f| f.address == Some("10.96.0.10".parse().unwrap()))
+        .unwrap_or_else(|| panic!("{fr:#?}"));
+    assert_eq!(
+        (cip.kind, &cip.endpoints, cip.affinity_seconds),
+        (FrontendKind::ClusterIp, &ep, Some(600))
+    );
+    let np = fr
+        .iter()
+        .find(|f| f.address == Some("10.0.0.2".parse().unwrap()) && f.port == 30080)
+        .unwrap_or_else(|| panic!("{fr:#?}"));
+    assert_eq!((np.kind, &np.endpoints), (FrontendKind::NodePort, &ep));
+    let empty = fr
+        .iter()
+        .find(|f| f.address == Some("10.96.0.11".parse().unwrap()))
+        .unwrap();
+    assert_eq!(empty.no_endpoints, Some(NoEndpoints::Reject));
+
+    let ebpf_trace = |src: &str, dst: &str, proto: &str| -> BTreeSet<Fate> {
+        let t: TraceResult = json(
+            &ns.0,
+            &[
+                "trace",
+                "--src",
+                src,
+                "--dst",
+                dst,
+                "--proto",
+                proto,
+                "--pin-dir",
+                pin,
+                "-o",
+                "json",
+            ],
+        );
+        assert_eq!(t.mode, "ebpf");
+        t.fates
+    };
+    let to = |masquerade| {
+        BTreeSet::from([Fate::Endpoint {
+            endpoint: "10.244.0.5:8080".parse().unwrap(),
+            masquerade,
+        }])
+    };
+    assert_eq!(ebpf_trace("10.244.0.9", "10.96.0.10:80", "tcp"), to(false));
+    assert_eq!(ebpf_trace("203.0.113.7", "10.0.0.2:30080", "tcp"), to(true));
+    assert_eq!(
+        ebpf_trace("10.244.0.9", "10.96.0.11:53", "udp"),
+        [Fate::Reject].into()
+    );
+    assert_eq!(
+        ebpf_trace("10.244.0.9", "10.96.0.10:81", "tcp"),
+        [Fate::Reject].into()
+    );
+    assert_eq!(
+        ebpf_trace("10.244.0.9", "10.96.7.7:80", "tcp"),
+        [Fate::Drop].into()
+    );
+
+    let ct: Vec<serde_json::Value> = json(
+        &ns.0,
+        &["inspect", "conntrack", "--pin-dir", pin, "-o", "json"],
+    );
+    assert!(ct.is_empty(), "no packet went through the programs");
+    let counters: Vec<serde_json::Value> = json(
+        &ns.0,
+        &["inspect", "counters", "--pin-dir", pin, "-o", "json"],
+    );
+    assert!(
+        counters
+            .iter()
+            .any(|c| c["name"] == "dnat" && c["packets"] == 0),
+        "{counters:?}"
+    );
+}

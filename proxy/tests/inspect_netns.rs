@@ -354,22 +354,9 @@ fn inspect_and_trace_a_running_shunt() {
         eprintln!("skipping: needs root to create a network namespace");
         return;
     }
-    for t in ["ip", "nft", "iptables", "curl"] {
-        if !tool(t) {
-            eprintln!("skipping: needs {t}");
-            return;
-        }
-    }
-    let ns = Netns(format!("shunt-insp-{}", std::process::id()));
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &ns.0])
-            .status()
-            .unwrap()
-            .success()
-    );
-    must(&ns.0, &["ip", "link", "set", "lo", "up"]);
-    must(&ns.0, &["ip", "addr", "add", "10.0.0.2/32", "dev", "lo"]);
+    let Some(ns) = node_ns("insp", &["ip", "nft", "iptables", "curl"]) else {
+        return;
+    };
 
     // Nothing programmed yet: a clear error, non-zero exit.
     let out = shunt(&ns.0, &["inspect", "services"]);
@@ -392,6 +379,21 @@ fn inspect_and_trace_a_running_shunt() {
     check_mode(&ns.0, "iptables", d);
     let out = shunt(&ns.0, &["inspect", "services"]);
     assert!(!out.status.success(), "everything cleaned up");
+}
+
+/// A namespace for the node (10.0.0.2 on lo: no link type is needed), or None (printing
+/// why) when a tool is missing.
+fn node_ns(tag: &str, tools: &[&str]) -> Option<Netns> {
+    if let Some(t) = tools.iter().find(|t| !tool(t)) {
+        eprintln!("skipping: needs {t}");
+        return None;
+    }
+    let ns = Netns(format!("shunt-{tag}-{}", std::process::id()));
+    let st = Command::new("ip").args(["netns", "add", &ns.0]).status();
+    assert!(st.is_ok_and(|s| s.success()), "ip netns add {}", ns.0);
+    must(&ns.0, &["ip", "link", "set", "lo", "up"]);
+    must(&ns.0, &["ip", "addr", "add", "10.0.0.2/32", "dev", "lo"]);
+    Some(ns)
 }
 
 /// A private bpffs mount, unmounted on drop (also when an assertion failed).
@@ -437,22 +439,9 @@ fn inspect_and_trace_pinned_ebpf_maps() {
         eprintln!("skipping: needs root to mount a bpffs and load BPF programs");
         return;
     }
-    for t in ["ip", "mount"] {
-        if !tool(t) {
-            eprintln!("skipping: needs {t}");
-            return;
-        }
-    }
-    let ns = Netns(format!("shunt-inspb-{}", std::process::id()));
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &ns.0])
-            .status()
-            .unwrap()
-            .success()
-    );
-    must(&ns.0, &["ip", "link", "set", "lo", "up"]);
-    must(&ns.0, &["ip", "addr", "add", "10.0.0.2/32", "dev", "lo"]);
+    let Some(ns) = node_ns("inspb", &["ip", "mount"]) else {
+        return;
+    };
     let mnt = Bpffs(tempfile::tempdir().unwrap());
     assert!(
         Command::new("mount")

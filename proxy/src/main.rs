@@ -19,10 +19,27 @@ use shunt::serve::{self, Metrics, ProxyHealth, ServiceHealthServer};
 use shunt::source::{self, SourceEvent};
 use shunt::sync::{Runner, RunnerConfig};
 
+mod tools;
+
 /// Room for a burst of watch events (a full relist) without blocking the sources for long.
 const EVENT_CHANNEL_CAPACITY: usize = 4096;
 
 fn main() -> ExitCode {
+    // `shunt inspect ...` / `shunt trace ...`: shunt's own subcommands; any other command
+    // line is kube-proxy's flags, parsed exactly as before.
+    if let Some(cmd) = shunt::config::tools::tool_command(std::env::args_os()) {
+        let cmd = match cmd {
+            Ok(c) => c,
+            Err(e) => e.exit(),
+        };
+        return match tools::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shunt: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let settings = match Settings::from_args(std::env::args_os(), &HostFacts::detect()) {
         Ok(s) => s,
         // --help/--version print and exit 0; usage errors exit 2, as clap does.

@@ -13,6 +13,7 @@
 //! an argument, so an invalid command line fails before any socket or nft call.
 pub mod duration;
 pub mod file;
+pub mod tools;
 
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
@@ -38,7 +39,8 @@ pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
     name = "shunt",
     version,
     about = "A drop-in replacement for kube-proxy: nftables, iptables and eBPF modes",
-    long_about = None
+    long_about = None,
+    after_help = "shunt's own subcommands (see `shunt inspect --help`, `shunt trace --help`):\n  shunt inspect services [NS/NAME] [-o json]   what is programmed, read back from the kernel\n  shunt inspect conntrack|counters            ebpf mode: conntrack entries, counters\n  shunt trace --src IP --dst IP:PORT [--proto tcp|udp|sctp]   a new packet's verdict"
 )]
 pub struct Cli {
     /// The path to the configuration file (KubeProxyConfiguration

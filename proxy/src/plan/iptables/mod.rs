@@ -53,7 +53,6 @@ use crate::model::{
 pub mod render;
 #[cfg(test)]
 pub(crate) mod tests;
-#[cfg(test)]
 pub mod tracer;
 
 pub use render::{RenderScope, Restore, render};

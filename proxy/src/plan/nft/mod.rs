@@ -28,8 +28,7 @@ pub mod tx;
 pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod trace;
+pub mod trace;
 
 pub use build::{NodeFragment, PickSlots, Ruleset, ServiceFragment, ruleset, ruleset_reusing};
 pub use tx::{FamilyOps, KernelSet, KernelTable, NeedsFull, Op, Transaction};

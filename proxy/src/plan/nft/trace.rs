@@ -1,4 +1,5 @@
-//! Test-only packet tracer over a `Ruleset`, in the spirit of kube-proxy's nftables
+//! Packet tracer over an nftables ruleset (the plan's `Ruleset`, or a table read back from the
+//! kernel and parsed by `inspect::nft`), in the spirit of kube-proxy's nftables
 //! helpers_test.go tracer, but following the netfilter hooks a first packet really crosses
 //! and executing marks, `return`, `goto` and NAT statements instead of pattern-matching rules.
 //!
@@ -39,10 +40,26 @@ pub enum Fate {
     },
 }
 
+/// Why a ruleset cannot be traced: it holds something shunt never programs (a read-back table
+/// changed by hand, or by another version), so no verdict can be trusted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TraceError {
+    #[error("chain {0} is jumped to but does not exist")]
+    UnknownChain(String),
+    #[error("chain loop through {0}")]
+    Loop(String),
+    #[error("more than {0} endpoint-choice branches")]
+    TooManyBranches(usize),
+    #[error("map {map}: {what}")]
+    Map { map: String, what: String },
+}
+
 /// All outcomes over every endpoint choice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Trace {
     pub fates: BTreeSet<Fate>,
+    /// For each fate, the chains the first branch reaching it went through, in order.
+    pub paths: std::collections::BTreeMap<Fate, Vec<String>>,
 }
 
 impl Trace {
@@ -80,6 +97,8 @@ struct Run<'a> {
     dnat: Option<SocketAddr>,
     masquerade: bool,
     depth: usize,
+    /// Chains entered, in order (for explaining a verdict).
+    path: Vec<String>,
 }
 
 fn in_nets(ip: &IpAddr, nets: &[ipnet::IpNet]) -> bool {
@@ -111,13 +130,16 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn run_chain(&mut self, name: &str, p: &Packet) -> Flow {
+    fn run_chain(&mut self, name: &str, p: &Packet) -> Result<Flow, TraceError> {
         self.depth += 1;
-        assert!(self.depth < 64, "chain loop through {name}");
+        self.path.push(name.to_string());
+        if self.depth >= 64 {
+            return Err(TraceError::Loop(name.to_string()));
+        }
         let chain = *self
             .chains
             .get(name)
-            .unwrap_or_else(|| panic!("unknown chain {name}"));
+            .ok_or_else(|| TraceError::UnknownChain(name.to_string()))?;
         let mut flow = Flow::Return;
         'rules: for rule in &chain.rules {
             if !rule.matches.iter().all(|m| self.matches(m, p)) {
@@ -145,8 +167,8 @@ impl<'a> Run<'a> {
                 Verdict::Drop => Some(Flow::Drop),
                 Verdict::Reject => Some(Flow::Reject),
                 Verdict::Return => Some(Flow::Return),
-                Verdict::Jump(c) => self.call(c, p, false),
-                Verdict::Goto(c) => self.call(c, p, true),
+                Verdict::Jump(c) => self.call(c, p, false)?,
+                Verdict::Goto(c) => self.call(c, p, true)?,
                 Verdict::Vmap { key, map } => {
                     let dst = self.dnat.map_or(p.dst, |d| d.ip());
                     let dport = self.dnat.map_or(p.dport, |d| d.port());
@@ -154,14 +176,24 @@ impl<'a> Run<'a> {
                         KeyType::Addr => Key::Addr(dst),
                         KeyType::AddrProtoPort => Key::AddrProtoPort(dst, p.protocol, dport),
                         KeyType::ProtoPort => Key::ProtoPort(p.protocol, dport),
-                        KeyType::Pick => panic!("pick maps are read by Verdict::Pick"),
+                        KeyType::Pick => {
+                            return Err(TraceError::Map {
+                                map: map.clone(),
+                                what: "a pick map used as a vmap".into(),
+                            });
+                        }
                     };
                     match self.has(map, &k).and_then(|e| e.value.clone()) {
                         None => None,
                         Some(Verdict::Drop) => Some(Flow::Drop),
-                        Some(Verdict::Goto(c)) => self.call(&c, p, true),
-                        Some(Verdict::Jump(c)) => self.call(&c, p, false),
-                        Some(other) => panic!("unexpected map verdict {other:?}"),
+                        Some(Verdict::Goto(c)) => self.call(&c, p, true)?,
+                        Some(Verdict::Jump(c)) => self.call(&c, p, false)?,
+                        Some(other) => {
+                            return Err(TraceError::Map {
+                                map: map.clone(),
+                                what: format!("unexpected map verdict {other:?}"),
+                            });
+                        }
                     }
                 }
                 Verdict::Pick { count, offset, map } => {
@@ -172,8 +204,13 @@ impl<'a> Run<'a> {
                     // Every slot of the range must be in the map, else nft would fall
                     // through with no verdict for that draw.
                     match self.has(map, &Key::Pick(offset + pick)).map(|e| &e.value) {
-                        Some(Some(Verdict::Goto(c))) => self.call(c, p, true),
-                        other => panic!("pick slot {} of {map}: {other:?}", offset + pick),
+                        Some(Some(Verdict::Goto(c))) => self.call(c, p, true)?,
+                        other => {
+                            return Err(TraceError::Map {
+                                map: map.clone(),
+                                what: format!("slot {} holds {other:?}", offset + pick),
+                            });
+                        }
                     }
                 }
             };
@@ -183,57 +220,66 @@ impl<'a> Run<'a> {
             }
         }
         self.depth -= 1;
-        flow
+        Ok(flow)
     }
 
     /// Runs a jump/goto target. Returns the flow that ends the calling chain, if any.
-    fn call(&mut self, target: &str, p: &Packet, is_goto: bool) -> Option<Flow> {
-        match self.run_chain(target, p) {
+    fn call(
+        &mut self,
+        target: &str,
+        p: &Packet,
+        is_goto: bool,
+    ) -> Result<Option<Flow>, TraceError> {
+        Ok(match self.run_chain(target, p)? {
             Flow::Return if is_goto => Some(Flow::Return),
             Flow::Return => None,
             f => Some(f),
-        }
+        })
     }
 
-    fn base(&mut self, name: &str, p: &Packet) -> Option<Fate> {
-        match self.run_chain(name, p) {
+    /// A base chain; a table without it (read back half-written) has no say at that hook.
+    fn base(&mut self, name: &str, p: &Packet) -> Result<Option<Fate>, TraceError> {
+        if !self.chains.contains_key(name) {
+            return Ok(None);
+        }
+        Ok(match self.run_chain(name, p)? {
             Flow::Drop => Some(Fate::Drop),
             Flow::Reject => Some(Fate::Reject),
             _ => None,
-        }
+        })
     }
 
-    fn path(&mut self, p: &Packet) -> Fate {
+    fn path(&mut self, p: &Packet) -> Result<Fate, TraceError> {
         let local_src = self.node_ips.contains(&p.src);
         let (pre_filter, pre_nat) = if local_src {
             (FILTER_OUTPUT, NAT_OUTPUT)
         } else {
             (FILTER_PREROUTING, NAT_PREROUTING)
         };
-        if let Some(f) = self.base(pre_filter, p) {
-            return f;
+        if let Some(f) = self.base(pre_filter, p)? {
+            return Ok(f);
         }
-        if let Some(f) = self.base(pre_nat, p) {
-            return f;
+        if let Some(f) = self.base(pre_nat, p)? {
+            return Ok(f);
         }
-        if local_src && let Some(f) = self.base(FILTER_OUTPUT_POST_DNAT, p) {
-            return f;
+        if local_src && let Some(f) = self.base(FILTER_OUTPUT_POST_DNAT, p)? {
+            return Ok(f);
         }
         let dst = self.dnat.map_or(p.dst, |d| d.ip());
         let to_local = self.node_ips.contains(&dst);
         if !local_src
             && !to_local
-            && let Some(f) = self.base(FILTER_FORWARD, p)
+            && let Some(f) = self.base(FILTER_FORWARD, p)?
         {
-            return f;
+            return Ok(f);
         }
-        if let Some(f) = self.base(NAT_POSTROUTING, p) {
-            return f;
+        if let Some(f) = self.base(NAT_POSTROUTING, p)? {
+            return Ok(f);
         }
-        if to_local && let Some(f) = self.base(FILTER_INPUT, p) {
-            return f;
+        if to_local && let Some(f) = self.base(FILTER_INPUT, p)? {
+            return Ok(f);
         }
-        match self.dnat {
+        Ok(match self.dnat {
             Some(to) => Fate::Dnat {
                 to,
                 masquerade: self.masquerade,
@@ -241,24 +287,40 @@ impl<'a> Run<'a> {
             None => Fate::Passthrough {
                 masquerade: self.masquerade,
             },
-        }
+        })
     }
 }
 
-/// Traces `p` through `rs` on a node owning `node_ips`, over every endpoint choice.
+/// Traces `p` through `rs` on a node owning `node_ips`, over every endpoint choice. Panics
+/// where [`try_trace`] fails: the plan's own rulesets are always traceable.
 pub fn trace(rs: &Ruleset, node_ips: &[IpAddr], p: &Packet) -> Trace {
-    let chains: HashMap<&str, &ChainDef> = rs.chains().map(|c| (c.name.as_str(), c)).collect();
-    let mut elements: HashMap<&str, Vec<&Element>> = HashMap::new();
-    for e in rs.elements() {
-        elements.entry(e.set.as_str()).or_default().push(e);
+    try_trace(rs.chains(), rs.elements(), node_ips, p).expect("the plan's ruleset traces")
+}
+
+/// Traces `p` through the chains and set/map elements of one family's table (the plan's, or
+/// one read back from the kernel) on a node owning `node_ips`, over every endpoint choice.
+pub fn try_trace<'a>(
+    chains: impl Iterator<Item = &'a ChainDef>,
+    elements: impl Iterator<Item = &'a Element>,
+    node_ips: &[IpAddr],
+    p: &Packet,
+) -> Result<Trace, TraceError> {
+    let chains: HashMap<&str, &ChainDef> = chains.map(|c| (c.name.as_str(), c)).collect();
+    let mut element_map: HashMap<&str, Vec<&Element>> = HashMap::new();
+    for e in elements {
+        element_map.entry(e.set.as_str()).or_default().push(e);
     }
+    let elements = element_map;
     let mut fates = BTreeSet::new();
+    let mut paths = std::collections::BTreeMap::new();
     // Depth-first over the choices: `pending` holds pick prefixes still to explore.
     let mut pending: Vec<Vec<usize>> = vec![Vec::new()];
     let mut runs = 0;
     while let Some(picks) = pending.pop() {
         runs += 1;
-        assert!(runs < 10_000, "too many branches");
+        if runs >= MAX_BRANCHES {
+            return Err(TraceError::TooManyBranches(MAX_BRANCHES));
+        }
         let mut run = Run {
             chains: chains.clone(),
             elements: elements.clone(),
@@ -270,8 +332,13 @@ pub fn trace(rs: &Ruleset, node_ips: &[IpAddr], p: &Packet) -> Trace {
             dnat: None,
             masquerade: false,
             depth: 0,
+            path: Vec::new(),
         };
-        fates.insert(run.path(p));
+        let fate = run.path(p)?;
+        paths
+            .entry(fate.clone())
+            .or_insert_with(|| run.path.clone());
+        fates.insert(fate);
         // Branch on every numgen reached beyond the forced prefix.
         for (i, width) in run.widths.iter().enumerate().skip(picks.len()) {
             let mut prefix: Vec<usize> = picks.clone();
@@ -283,5 +350,8 @@ pub fn trace(rs: &Ruleset, node_ips: &[IpAddr], p: &Packet) -> Trace {
             }
         }
     }
-    Trace { fates }
+    Ok(Trace { fates, paths })
 }
+
+/// Bound on the endpoint choices explored for one packet (each `numgen` multiplies them).
+const MAX_BRANCHES: usize = 10_000;

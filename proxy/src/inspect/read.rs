@@ -1,0 +1,470 @@
+//! IMPURE: read what a running shunt programmed (nft, iptables-save, pinned BPF maps), detect
+//! the mode, and answer `inspect` / `trace` with the pure parsers and tracers.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
+use shunt_abi::{Backend4, Config4, RevNat4, Service4Key, Service4Value, SrcRange4, names};
+
+use super::nft::NftTable;
+use super::view::{FamilyView, Inspected};
+use super::{Fate, InspectError, Packet, TraceResult};
+use crate::config::ProxyMode;
+use crate::dataplane::iptables::Backend;
+use crate::model::IpFamily;
+use crate::plan::ebpf::{Lpm4Ord, SrcRange4Ord, State4};
+use crate::plan::iptables::tracer::{Outcome, Tracer};
+
+/// Where to look.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// None: detect from what is programmed.
+    pub mode: Option<ProxyMode>,
+    /// iptables backend; None: whichever holds shunt's chains.
+    pub backend: Option<Backend>,
+    /// ebpf pins (`/sys/fs/bpf/shunt` by default).
+    pub pin_dir: PathBuf,
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Target {
+            mode: None,
+            backend: None,
+            pin_dir: PathBuf::from("/sys/fs/bpf/shunt"),
+        }
+    }
+}
+
+fn tool(bin: &str, args: &[&str]) -> Result<String, InspectError> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .map_err(|e| InspectError::Io {
+            what: format!("running {bin}"),
+            source: e,
+        })?;
+    if !out.status.success() {
+        return Err(InspectError::Tool {
+            tool: format!("{bin} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `nft list table <family> shunt` for the families that have one.
+pub fn read_nft() -> Result<BTreeMap<IpFamily, NftTable>, InspectError> {
+    let tables = tool("nft", &["list", "tables"])?;
+    let mut out = BTreeMap::new();
+    for (fam, f) in [("ip", IpFamily::V4), ("ip6", IpFamily::V6)] {
+        if !tables
+            .lines()
+            .any(|l| l.trim() == format!("table {fam} shunt"))
+        {
+            continue;
+        }
+        let text = tool("nft", &["list", "table", fam, "shunt"])?;
+        let mut parsed = super::nft::parse_listing(&text).map_err(|e| InspectError::Parse {
+            what: format!("nft list table {fam} shunt"),
+            msg: e.to_string(),
+        })?;
+        if let Some(t) = parsed.remove(&f) {
+            out.insert(f, t);
+        }
+    }
+    Ok(out)
+}
+
+/// `iptables-save` of one backend and family ("" when the tool is missing or fails: nothing
+/// of shunt's there). Whole saves (no `-t`): naming a legacy table would create it.
+fn save(backend: Backend, family: IpFamily) -> String {
+    tool(&backend.binary(family, "-save"), &[]).unwrap_or_default()
+}
+
+fn has_shunt_chains(save: &str) -> bool {
+    save.lines().any(|l| l.starts_with(":SHUNT-"))
+}
+
+/// The backend holding shunt's chains (`--iptables-backend` may force one).
+pub fn iptables_backend(forced: Option<Backend>) -> Option<Backend> {
+    if forced.is_some() {
+        return forced;
+    }
+    let holds = |b| {
+        [IpFamily::V4, IpFamily::V6]
+            .iter()
+            .any(|f| has_shunt_chains(&save(b, *f)))
+    };
+    match (holds(Backend::Nft), holds(Backend::Legacy)) {
+        (true, false) => Some(Backend::Nft),
+        (false, true) => Some(Backend::Legacy),
+        // Both hold shunt chains (a stale leftover): the dataplane's own choice wins.
+        (true, true) => Some(crate::dataplane::iptables::detect_backend(&[])),
+        (false, false) => None,
+    }
+}
+
+/// shunt's iptables chains per family, as tracers.
+pub fn read_iptables(backend: Backend) -> Result<BTreeMap<IpFamily, Tracer>, InspectError> {
+    let local = local_addresses()?;
+    let mut out = BTreeMap::new();
+    for f in [IpFamily::V4, IpFamily::V6] {
+        let s = save(backend, f);
+        if !has_shunt_chains(&s) {
+            continue;
+        }
+        let t = Tracer::from_save(&s, &local).map_err(|e| InspectError::Parse {
+            what: backend.binary(f, "-save"),
+            msg: e.to_string(),
+        })?;
+        out.insert(f, t);
+    }
+    Ok(out)
+}
+
+fn pinned(dir: &Path, name: &str) -> Result<Map, InspectError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path)
+        .and_then(Map::from_map_data)
+        .map_err(|e| InspectError::Other(format!("opening pinned map {}: {e}", path.display())))
+}
+
+fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> InspectError + '_ {
+    move |e| InspectError::Other(format!("reading {name}: {e}"))
+}
+
+/// The userspace-owned maps read back from the pins (no program is loaded).
+pub fn read_ebpf_state(dir: &Path) -> Result<State4, InspectError> {
+    let mut st = State4::default();
+    let cfg: Array<MapData, Config4> =
+        Array::try_from(pinned(dir, names::CONFIG4)?).map_err(map_err(names::CONFIG4))?;
+    st.node_ip = cfg.get(&0, 0).map_err(map_err(names::CONFIG4))?.node_ip;
+    let svc: HashMap<MapData, Service4Key, Service4Value> =
+        HashMap::try_from(pinned(dir, names::SERVICES4)?).map_err(map_err(names::SERVICES4))?;
+    for kv in svc.iter() {
+        let (k, v) = kv.map_err(map_err(names::SERVICES4))?;
+        st.services.insert(k, v);
+    }
+    let be: HashMap<MapData, u32, Backend4> =
+        HashMap::try_from(pinned(dir, names::BACKENDS4)?).map_err(map_err(names::BACKENDS4))?;
+    for kv in be.iter() {
+        let (k, v) = kv.map_err(map_err(names::BACKENDS4))?;
+        st.backends.insert(k, v);
+    }
+    let rn: HashMap<MapData, u32, RevNat4> =
+        HashMap::try_from(pinned(dir, names::REVNAT4)?).map_err(map_err(names::REVNAT4))?;
+    for kv in rn.iter() {
+        let (k, v) = kv.map_err(map_err(names::REVNAT4))?;
+        st.rev_nat.insert(k, v);
+    }
+    let cip: HashMap<MapData, u32, u32> =
+        HashMap::try_from(pinned(dir, names::CLUSTER_IP4)?).map_err(map_err(names::CLUSTER_IP4))?;
+    for k in cip.keys() {
+        st.cluster_ips
+            .insert(k.map_err(map_err(names::CLUSTER_IP4))?);
+    }
+    let sr: LpmTrie<MapData, SrcRange4, u8> =
+        LpmTrie::try_from(pinned(dir, names::SRC_RANGE4)?).map_err(map_err(names::SRC_RANGE4))?;
+    for k in sr.keys() {
+        let k = k.map_err(map_err(names::SRC_RANGE4))?;
+        let d = k.data();
+        st.src_ranges.insert((
+            k.prefix_len(),
+            SrcRange4Ord {
+                rev_nat_id: d.rev_nat_id,
+                addr: d.addr,
+            },
+        ));
+    }
+    for name in [names::SERVICE_CIDR4, names::LOCAL_CIDR4] {
+        let t: LpmTrie<MapData, u32, u8> =
+            LpmTrie::try_from(pinned(dir, name)?).map_err(map_err(name))?;
+        for k in t.keys() {
+            let k = k.map_err(map_err(name))?;
+            let c = Lpm4Ord {
+                prefix_len: k.prefix_len(),
+                addr: k.data(),
+            };
+            if name == names::SERVICE_CIDR4 {
+                st.service_cidrs.insert(c);
+            } else {
+                st.local_cidrs.insert(c);
+            }
+        }
+    }
+    crate::plan::ebpf::ids_from_maps(&mut st);
+    Ok(st)
+}
+
+/// `HOST_NETNS[LOOPBACK]`: whether tc is attached to `lo`.
+pub fn read_ebpf_loopback(dir: &Path) -> Result<bool, InspectError> {
+    let a: Array<MapData, u64> =
+        Array::try_from(pinned(dir, names::HOST_NETNS)?).map_err(map_err(names::HOST_NETNS))?;
+    Ok(a.get(&shunt_abi::host_ns::LOOPBACK, 0)
+        .map_err(map_err(names::HOST_NETNS))?
+        != 0)
+}
+
+/// The node's addresses in this network namespace (`ip -j addr`).
+pub fn local_addresses() -> Result<Vec<IpAddr>, InspectError> {
+    let out = tool("ip", &["-j", "addr", "show"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| InspectError::Parse {
+        what: "ip -j addr".into(),
+        msg: e.to_string(),
+    })?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().and_then(|s| s.parse().ok()))
+        .collect())
+}
+
+/// The mode whose state is programmed (`--proxy-mode` overrides).
+pub fn detect_mode(target: &Target) -> Result<ProxyMode, InspectError> {
+    if let Some(m) = target.mode {
+        return Ok(m);
+    }
+    let nft = tool("nft", &["list", "tables"])
+        .map(|t| {
+            t.lines()
+                .any(|l| matches!(l.trim(), "table ip shunt" | "table ip6 shunt"))
+        })
+        .unwrap_or(false);
+    if nft {
+        return Ok(ProxyMode::Nftables);
+    }
+    if target.pin_dir.join(names::SERVICES4).exists() {
+        return Ok(ProxyMode::Ebpf);
+    }
+    if iptables_backend(target.backend).is_some() {
+        return Ok(ProxyMode::Iptables);
+    }
+    Err(InspectError::NothingProgrammed {
+        pin_dir: target.pin_dir.display().to_string(),
+    })
+}
+
+/// `shunt inspect services`.
+pub fn inspect(target: &Target) -> Result<Inspected, InspectError> {
+    let mode = detect_mode(target)?;
+    let families: Vec<FamilyView> = match mode {
+        ProxyMode::Nftables => read_nft()?
+            .iter()
+            .map(|(f, t)| super::view::from_nft(*f, t))
+            .collect(),
+        ProxyMode::Iptables => {
+            let b = iptables_backend(target.backend).ok_or(InspectError::NothingProgrammed {
+                pin_dir: target.pin_dir.display().to_string(),
+            })?;
+            read_iptables(b)?
+                .iter()
+                .map(|(f, t)| super::view::from_iptables(*f, t.chains()))
+                .collect()
+        }
+        ProxyMode::Ebpf => vec![super::ebpf::view(&read_ebpf_state(&target.pin_dir)?)],
+    };
+    if families.is_empty() {
+        return Err(InspectError::NothingProgrammed {
+            pin_dir: target.pin_dir.display().to_string(),
+        });
+    }
+    Ok(Inspected {
+        mode: mode.as_str().into(),
+        families,
+    })
+}
+
+/// Convert the iptables tracer's outcomes.
+pub fn iptables_fates(
+    outcomes: &std::collections::BTreeSet<Outcome>,
+) -> std::collections::BTreeSet<Fate> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Dnat { to, masq } => Fate::Endpoint {
+                endpoint: *to,
+                masquerade: *masq,
+            },
+            Outcome::Pass { masq } => Fate::Untouched { masquerade: *masq },
+            Outcome::Drop => Fate::Drop,
+            Outcome::Reject => Fate::Reject,
+        })
+        .collect()
+}
+
+/// Convert one fate of the nft tracer.
+pub fn nft_fate(f: &crate::plan::nft::trace::Fate) -> Fate {
+    use crate::plan::nft::trace::Fate as F;
+    match f {
+        F::Dnat { to, masquerade } => Fate::Endpoint {
+            endpoint: *to,
+            masquerade: *masquerade,
+        },
+        F::Passthrough { masquerade } => Fate::Untouched {
+            masquerade: *masquerade,
+        },
+        F::Drop => Fate::Drop,
+        F::Reject => Fate::Reject,
+    }
+}
+
+/// Convert the nft tracer's fates.
+pub fn nft_fates(t: &crate::plan::nft::trace::Trace) -> std::collections::BTreeSet<Fate> {
+    t.fates.iter().map(nft_fate).collect()
+}
+
+/// `shunt trace`.
+pub fn trace(target: &Target, p: &Packet) -> Result<TraceResult, InspectError> {
+    let mode = detect_mode(target)?;
+    let family = p.family();
+    let missing = || InspectError::FamilyMissing {
+        mode: mode.as_str().into(),
+        family: super::view::family_name(family).into(),
+    };
+    let mut why = Vec::new();
+    let (fates, view) = match mode {
+        ProxyMode::Nftables => {
+            let tables = read_nft()?;
+            let t = tables.get(&family).ok_or_else(missing)?;
+            let local = local_addresses()?;
+            let (fates, paths) = super::nft_trace_explained(t, &local, p)?;
+            why = paths;
+            (fates, super::view::from_nft(family, t))
+        }
+        ProxyMode::Iptables => {
+            let b = iptables_backend(target.backend).ok_or_else(missing)?;
+            let tracers = read_iptables(b)?;
+            let t = tracers.get(&family).ok_or_else(missing)?;
+            (
+                super::iptables_trace(t, p)?,
+                super::view::from_iptables(family, t.chains()),
+            )
+        }
+        ProxyMode::Ebpf => {
+            let st = read_ebpf_state(&target.pin_dir)?;
+            let host = super::ebpf::Host {
+                local: local_addresses()?,
+                loopback_attached: read_ebpf_loopback(&target.pin_dir)?,
+            };
+            let (fates, mut why) = super::ebpf::trace(&st, &host, p);
+            let view = super::ebpf::view(&st);
+            why.extend(super::explain(&view, p));
+            return Ok(TraceResult {
+                mode: mode.as_str().into(),
+                packet: *p,
+                fates,
+                why,
+            });
+        }
+    };
+    let mut lines = super::explain(&view, p);
+    lines.extend(why);
+    Ok(TraceResult {
+        mode: mode.as_str().into(),
+        packet: *p,
+        fates,
+        why: lines,
+    })
+}
+
+/// One conntrack entry of the ebpf programs (`SHUNT_CT4`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct CtEntry {
+    pub protocol: String,
+    /// The packet's own 5-tuple as it arrives.
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    /// `forward` (client -> frontend) or `reply` (backend -> client).
+    pub direction: String,
+    /// forward: the backend the destination becomes; reply: the frontend the source becomes.
+    pub nat: std::net::SocketAddr,
+    /// forward: the masquerade source; reply: the client the destination becomes.
+    pub snat: Option<std::net::SocketAddr>,
+    pub rev_nat_id: u16,
+    pub backend_id: u32,
+}
+
+/// `shunt inspect conntrack` (ebpf mode).
+pub fn read_ebpf_conntrack(dir: &Path) -> Result<Vec<CtEntry>, InspectError> {
+    use shunt_abi::{Ct4Key, Ct4Value, ct_dir};
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+    let sa = |a: u32, p: u16| {
+        SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(a.to_ne_bytes()),
+            u16::from_be(p),
+        ))
+    };
+    let ct: HashMap<MapData, Ct4Key, Ct4Value> =
+        HashMap::try_from(pinned(dir, names::CT4)?).map_err(map_err(names::CT4))?;
+    let mut out = Vec::new();
+    for kv in ct.iter() {
+        let (k, v) = kv.map_err(map_err(names::CT4))?;
+        out.push(CtEntry {
+            protocol: match k.proto {
+                6 => "tcp".into(),
+                17 => "udp".into(),
+                n => n.to_string(),
+            },
+            src: sa(k.saddr, k.sport),
+            dst: sa(k.daddr, k.dport),
+            direction: match v.dir {
+                ct_dir::FORWARD => "forward".into(),
+                ct_dir::REPLY => "reply".into(),
+                d => format!("unknown({d})"),
+            },
+            nat: sa(v.nat_addr, v.nat_port),
+            snat: (v.snat_addr != 0).then(|| sa(v.snat_addr, v.snat_port)),
+            rev_nat_id: v.rev_nat_id,
+            backend_id: v.backend_id,
+        });
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// One counter of `SHUNT_STATS`, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CounterEntry {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Names of the `shunt_abi::stat` slots, in slot order (a slot added to the ABI later shows
+/// as `slot N` until named here).
+pub const COUNTER_NAMES: &[&str] = &[
+    "packets_seen",
+    "dnat",
+    "rev_nat",
+    "drop_no_endpoints",
+    "reject_no_endpoints",
+    "drop_unallocated",
+    "reject_invalid_port",
+    "drop_source_range",
+    "errors",
+    "sock_xlate",
+    "snat",
+];
+
+/// `shunt inspect counters` (ebpf mode).
+pub fn read_ebpf_counters(dir: &Path) -> Result<Vec<CounterEntry>, InspectError> {
+    use aya::maps::PerCpuArray;
+    let stats: PerCpuArray<MapData, shunt_abi::Counter> =
+        PerCpuArray::try_from(pinned(dir, names::STATS)?).map_err(map_err(names::STATS))?;
+    let mut out = Vec::new();
+    for i in 0..shunt_abi::stat::COUNT {
+        let per_cpu = stats.get(&i, 0).map_err(map_err(names::STATS))?;
+        out.push(CounterEntry {
+            name: COUNTER_NAMES
+                .get(i as usize)
+                .map_or_else(|| format!("slot {i}"), |n| n.to_string()),
+            packets: per_cpu.iter().map(|c| c.packets).sum(),
+            bytes: per_cpu.iter().map(|c| c.bytes).sum(),
+        });
+    }
+    Ok(out)
+}

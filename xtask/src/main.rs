@@ -4,6 +4,7 @@
 //! keeps the namespace it was created in), so nothing can outlive a run. The only helper process
 //! is `lab-agent probe`, for ebpf mode, where a probe must belong to the lab cgroup.
 
+mod bench;
 mod check;
 mod conformance;
 mod demo;
@@ -40,6 +41,9 @@ enum Cmd {
     /// Reliability soaks under counted client load: restart (SIGKILL + restart), rolling update,
     /// UDP backend replacement, endpoint churn, API outage (`--scenario`, default all).
     Soak(soak::Args),
+    /// Benchmark every mode side by side at several scales (control plane, data plane, summary);
+    /// writes a report (markdown, CSV, SVG) to results/bench/<preset>.
+    Bench(bench::Args),
     /// Internal: the lab's helper process (probes that must run inside a cgroup).
     #[command(hide = true)]
     LabAgent {
@@ -47,7 +51,12 @@ enum Cmd {
         cmd: AgentCmd,
     },
     /// Everything: install-deps, manifest validation, fmt, clippy, cargo test, conformance
+<<<<<<< HEAD
     /// (nftables, iptables on both backends), short soaks (every scenario, every mode).
+=======
+    /// (nftables, iptables on both backends), short restart soak (nftables, iptables),
+    /// bench quick preset.
+>>>>>>> bench
     Test,
 }
 
@@ -184,6 +193,7 @@ fn main() {
         Cmd::Lab { cmd: LabCmd::Gc } => require_lab().map(|()| true),
         Cmd::Demo(a) => require_lab().and_then(|()| demo::run(&a)),
         Cmd::Soak(a) => require_lab().and_then(|()| soak::run(&a)),
+        Cmd::Bench(a) => require_lab().and_then(|()| bench::run(&a)),
         Cmd::Test => testcmd::run(),
         Cmd::LabAgent {
             cmd:

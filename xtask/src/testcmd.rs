@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the one command that runs every test, stopping at the first failure.
 //! Order: what needs installing, manifest validation, fmt, clippy, unit/integration/namespace
 //! tests, then the packet-level conformance scenarios in nftables mode and in iptables mode
-//! (legacy and nft backends), then the short soaks (every scenario) in every mode.
+//! (legacy and nft backends), then the short soaks (every scenario) in every mode, then the
+//! bench's quick preset.
 
 use std::process::Command;
 
@@ -93,6 +94,21 @@ pub fn run() -> Result<bool> {
             ]),
         )?;
     }
+    // Bench smoke test (issue #6): every mode at 100 and 1,000 Services, a few seconds per
+    // figure; it fails only if a run could not measure at all, never on a timing. The debug
+    // binary the conformance steps built (no release build in CI: no timing is judged here).
+    let bench_out = tempfile::Builder::new()
+        .prefix("shunt-bench-ci-")
+        .tempdir()
+        .context("temp dir for the bench report")?;
+    step(
+        "bench, quick preset (all modes)",
+        Command::new(&me)
+            .args(["bench", "--quick", "--out"])
+            .arg(bench_out.path())
+            .arg("--shunt")
+            .arg(crate::shunt::build()?),
+    )?;
     println!("all tests passed");
     Ok(true)
 }

@@ -33,8 +33,8 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_csum_diff, bpf_fib_lookup, bpf_get_netns_cookie, bpf_get_prandom_u32,
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh,
-        bpf_set_retval, bpf_skb_change_tail, bpf_skb_load_bytes,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_redirect, bpf_redirect_neigh, bpf_set_retval,
+        bpf_skb_change_tail, bpf_skb_load_bytes,
     },
     macros::{cgroup_sock_addr, classifier, map},
     maps::{
@@ -57,7 +57,8 @@ static HOSTNS: Array<u64> = Array::with_max_entries(host_ns::COUNT, 0);
 /// One family's maps (`$a`: the wire address type, `$sk`: the socket map key).
 macro_rules! family_maps {
     ($a:ty, $sk:ty, $svc:ident, $be:ident, $revnat:ident, $ct:ident, $aff:ident, $srcr:ident,
-     $cip:ident, $scidr:ident, $lcidr:ident, $skfwd:ident, $cfg:ident, $skrn:ident) => {
+     $cip:ident, $scidr:ident, $lcidr:ident, $skfwd:ident, $cfg:ident, $skrn:ident,
+     $scratch:ident) => {
         #[map]
         static $svc: HashMap<ServiceKey<$a>, Service4Value> =
             HashMap::with_max_entries(limits::SERVICES, 0);
@@ -72,8 +73,7 @@ macro_rules! family_maps {
         static $aff: LruHashMap<AffinityKey<$a>, AffinityValue> =
             LruHashMap::with_max_entries(limits::AFFINITY, 0);
         #[map]
-        static $srcr: LpmTrie<SrcRange<$a>, u8> =
-            LpmTrie::with_max_entries(limits::SRC_RANGES, 0);
+        static $srcr: LpmTrie<SrcRange<$a>, u8> = LpmTrie::with_max_entries(limits::SRC_RANGES, 0);
         #[map]
         static $cip: HashMap<$a, u32> = HashMap::with_max_entries(limits::CLUSTER_IPS, 0);
         #[map]
@@ -85,6 +85,8 @@ macro_rules! family_maps {
             LruHashMap::with_max_entries(limits::SOCK_REVNAT, 0);
         #[map]
         static $cfg: Array<Config<$a>> = Array::with_max_entries(1, 0);
+        #[map]
+        static $scratch: PerCpuArray<Scratch<$a>> = PerCpuArray::with_max_entries(1, 0);
         #[map]
         static $skrn: LruHashMap<$sk, RevNat<$a>> =
             LruHashMap::with_max_entries(limits::SOCK_REVNAT, 0);
@@ -105,7 +107,8 @@ family_maps!(
     SHUNT_LCIDR4,
     SHUNT_SKFWD4,
     SHUNT_CFG4,
-    SHUNT_SKRN4
+    SHUNT_SKRN4,
+    SHUNT_SCRATCH4
 );
 family_maps!(
     [u32; 4],
@@ -121,7 +124,8 @@ family_maps!(
     SHUNT_LCIDR6,
     SHUNT_SKFWD6,
     SHUNT_CFG6,
-    SHUNT_SKRN6
+    SHUNT_SKRN6,
+    SHUNT_SCRATCH6
 );
 
 const ETH_HLEN: usize = 14;
@@ -146,7 +150,7 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 /// The parsed L4 packet: wire-order addresses and ports.
-struct Pkt<A> {
+pub struct Pkt<A> {
     saddr: A,
     daddr: A,
     sport: u16,
@@ -181,7 +185,9 @@ trait Fam {
     fn sock_key(cookie: u64, addr: Self::A, port: u16) -> Self::SockKey;
 
     /// Parse the network header after an Ethernet header of this family's ethertype.
-    fn parse(ctx: &TcContext) -> Option<Pkt<Self::A>>;
+    /// Writes into `p` (scratch memory, see [`Scratch`]); None when not ours.
+    fn parse(ctx: &TcContext, p: &mut Pkt<Self::A>) -> Option<()>;
+    fn scratch() -> &'static PerCpuArray<Scratch<Self::A>>;
     /// Rewrite one address (source or destination), fixing what covers it: the IPv4 header
     /// checksum, and the L4 checksum (at `csum_off`) through its pseudo-header.
     fn set_addr(
@@ -297,7 +303,7 @@ impl Fam for V4 {
     }
 
     #[inline(always)]
-    fn parse(ctx: &TcContext) -> Option<Pkt<u32>> {
+    fn parse(ctx: &TcContext, out: &mut Pkt<u32>) -> Option<()> {
         let vihl: u8 = ctx.load(IP_OFF).ok()?;
         if vihl >> 4 != 4 {
             return None;
@@ -318,16 +324,18 @@ impl Fam for V4 {
         let hlen = u32::from(ihl) * 4;
         let tot_len = u32::from(u16::from_be(ctx.load::<u16>(IP_OFF + 2).ok()?));
         let l4_off = IP_OFF + usize::from(ihl) * 4;
-        Some(Pkt {
-            saddr: ctx.load(IP_SADDR_OFF).ok()?,
-            daddr: ctx.load(IP_DADDR_OFF).ok()?,
-            sport: ctx.load(l4_off).ok()?,
-            dport: ctx.load(l4_off + 2).ok()?,
-            proto,
-            l4_off,
-            l4_len: tot_len.saturating_sub(hlen),
-            ip_options: ihl != 5,
-        })
+        out.saddr = ctx.load(IP_SADDR_OFF).ok()?;
+        out.daddr = ctx.load(IP_DADDR_OFF).ok()?;
+        out.sport = ctx.load(l4_off).ok()?;
+        out.dport = ctx.load(l4_off + 2).ok()?;
+        out.proto = proto;
+        out.l4_off = l4_off;
+        out.l4_len = tot_len.saturating_sub(hlen);
+        out.ip_options = ihl != 5;
+        Some(())
+    }
+    fn scratch() -> &'static PerCpuArray<Scratch<u32>> {
+        &SHUNT_SCRATCH4
     }
 
     #[inline(always)]
@@ -396,9 +404,7 @@ impl Fam for V4 {
         let acc = if proto == IPPROTO_ICMP {
             0
         } else {
-            let mut addrs = [0u8; 8];
-            addrs.copy_from_slice(&h[12..20]);
-            sum16(&addrs, 0) + u32::from(proto) + N as u32
+            sum_words(&[saddr, daddr], u32::from(proto) + N as u32)
         };
         let c = fold(sum16(l4, acc));
         l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
@@ -415,11 +421,10 @@ impl Fam for V4 {
     #[inline(always)]
     fn port_unreachable(ctx: &TcContext, p: &Pkt<u32>) -> Result<(), ()> {
         let mut icmp = [0u8; 36];
+        let quote: &mut [u8; 28] = (&mut icmp[8..]).try_into().map_err(|_| ())?;
+        load_buf(ctx, IP_OFF, quote)?;
         icmp[0] = 3;
         icmp[1] = 3;
-        let mut quote = [0u8; 28];
-        load_buf(ctx, IP_OFF, &mut quote)?;
-        icmp[8..36].copy_from_slice(&quote);
         Self::emit(ctx, IPPROTO_ICMP, p.daddr, p.saddr, &mut icmp, 2)
     }
 
@@ -483,7 +488,7 @@ impl Fam for V6 {
     /// TCP or UDP directly after the fixed header. Extension headers (fragments included)
     /// are not walked: such packets pass untranslated (see the crate docs).
     #[inline(always)]
-    fn parse(ctx: &TcContext) -> Option<Pkt<[u32; 4]>> {
+    fn parse(ctx: &TcContext, out: &mut Pkt<[u32; 4]>) -> Option<()> {
         let v: u8 = ctx.load(IP_OFF).ok()?;
         if v >> 4 != 6 {
             return None;
@@ -493,16 +498,18 @@ impl Fam for V6 {
             return None;
         }
         let l4_off = IP_OFF + IP6_HLEN;
-        Some(Pkt {
-            saddr: ctx.load(IP6_SADDR_OFF).ok()?,
-            daddr: ctx.load(IP6_DADDR_OFF).ok()?,
-            sport: ctx.load(l4_off).ok()?,
-            dport: ctx.load(l4_off + 2).ok()?,
-            proto,
-            l4_off,
-            l4_len: u32::from(u16::from_be(ctx.load::<u16>(IP_OFF + 4).ok()?)),
-            ip_options: false,
-        })
+        out.saddr = ctx.load(IP6_SADDR_OFF).ok()?;
+        out.daddr = ctx.load(IP6_DADDR_OFF).ok()?;
+        out.sport = ctx.load(l4_off).ok()?;
+        out.dport = ctx.load(l4_off + 2).ok()?;
+        out.proto = proto;
+        out.l4_off = l4_off;
+        out.l4_len = u32::from(u16::from_be(ctx.load::<u16>(IP_OFF + 4).ok()?));
+        out.ip_options = false;
+        Some(())
+    }
+    fn scratch() -> &'static PerCpuArray<Scratch<[u32; 4]>> {
+        &SHUNT_SCRATCH6
     }
 
     /// IPv6 has no header checksum; the 128-bit address change enters the L4 checksum as
@@ -573,14 +580,11 @@ impl Fam for V6 {
             i += 1;
         }
         // Pseudo-header (RFC 8200 8.1), ICMPv6 included: addresses, length, next header.
-        let mut addrs = [0u8; 32];
-        addrs.copy_from_slice(&h[8..40]);
-        let acc = sum16(&addrs, 0) + N as u32 + u32::from(proto);
+        let acc = sum_words(&saddr, sum_words(&daddr, N as u32 + u32::from(proto)));
         let c = fold(sum16(l4, acc));
         l4[csum_off..csum_off + 2].copy_from_slice(&c.to_be_bytes());
         // SAFETY: helper call on the program's own skb.
-        if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + IP6_HLEN + N) as u32, 0) } != 0
-        {
+        if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_HLEN + IP6_HLEN + N) as u32, 0) } != 0 {
             return Err(());
         }
         ctx.store(IP_OFF, &h, 0).map_err(|_| ())?;
@@ -593,27 +597,38 @@ impl Fam for V6 {
     #[inline(always)]
     fn port_unreachable(ctx: &TcContext, p: &Pkt<[u32; 4]>) -> Result<(), ()> {
         let mut icmp = [0u8; 8 + IP6_HLEN + 8];
+        let quote: &mut [u8; IP6_HLEN + 8] = (&mut icmp[8..]).try_into().map_err(|_| ())?;
+        load_buf(ctx, IP_OFF, quote)?;
         icmp[0] = 1;
         icmp[1] = 4;
-        let mut quote = [0u8; IP6_HLEN + 8];
-        load_buf(ctx, IP_OFF, &mut quote)?;
-        icmp[8..].copy_from_slice(&quote);
         Self::emit(ctx, IPPROTO_ICMPV6, p.daddr, p.saddr, &mut icmp, 2)
     }
 
     #[inline(always)]
     fn user_addr(sa: &bpf_sock_addr) -> [u32; 4] {
-        sa.user_ip6
+        // One 4-byte load per word at a constant offset from the context pointer: a copy
+        // of the array becomes a memcpy through a pointer derived from ctx, which the
+        // verifier refuses ("dereference of modified ctx ptr").
+        // SAFETY: in-bounds fields of the context.
+        unsafe {
+            [
+                core::ptr::read_volatile(&sa.user_ip6[0]),
+                core::ptr::read_volatile(&sa.user_ip6[1]),
+                core::ptr::read_volatile(&sa.user_ip6[2]),
+                core::ptr::read_volatile(&sa.user_ip6[3]),
+            ]
+        }
     }
     #[inline(always)]
     fn set_user_addr(sa: &mut bpf_sock_addr, a: [u32; 4]) {
-        // One 4-byte store per word: the context rewriter accepts 4-byte (or aligned
-        // 8-byte) writes of user_ip6 (sock_addr_is_valid_access), never a 16-byte copy.
-        let mut i = 0;
-        while i < 4 {
-            // SAFETY: in-bounds field of the context.
-            unsafe { core::ptr::write_volatile(&mut sa.user_ip6[i], a[i]) };
-            i += 1;
+        // As above; the context rewriter accepts 4-byte (or aligned 8-byte) writes of
+        // user_ip6 (sock_addr_is_valid_access), each at a constant offset.
+        // SAFETY: in-bounds fields of the context.
+        unsafe {
+            core::ptr::write_volatile(&mut sa.user_ip6[0], a[0]);
+            core::ptr::write_volatile(&mut sa.user_ip6[1], a[1]);
+            core::ptr::write_volatile(&mut sa.user_ip6[2], a[2]);
+            core::ptr::write_volatile(&mut sa.user_ip6[3], a[3]);
         }
     }
 }
@@ -628,10 +643,17 @@ fn is_zero<A: PartialEq + Default>(a: A) -> bool {
 /// family's locals, which together exceed the BPF stack limit.
 #[inline(never)]
 fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
-    let Some(p) = F::parse(ctx) else {
-        return Ok(TCX_NEXT);
+    let Some(sc) = F::scratch().get_ptr_mut(0) else {
+        return Err(());
     };
-    let ct_key = CtKey {
+    // SAFETY: this CPU's scratch entry; a tc program runs to completion on its CPU before
+    // the next one starts there (redirected packets are processed later, from the backlog).
+    let sc = unsafe { &mut *sc };
+    if F::parse(ctx, &mut sc.p).is_none() {
+        return Ok(TCX_NEXT);
+    }
+    let p = &sc.p;
+    sc.ct_key = CtKey {
         saddr: p.saddr,
         daddr: p.daddr,
         sport: p.sport,
@@ -639,17 +661,63 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
         proto: p.proto,
         pad: [0; 3],
     };
-    if let Some(v) = ct_hit::<F>(ctx, &p, &ct_key)? {
-        return Ok(v);
+    // Every step below is a call of its own made from here, never from another step: the
+    // verifier adds up the stack frames along the deepest call chain (512 bytes at most,
+    // check_max_stack_depth), so the chain stays main -> try_ingress -> one step, and the
+    // state passed between the steps lives in the scratch map, not in this frame.
+    if !ct_hit::<F>(ctx, p, &sc.ct_key, &mut sc.act)? {
+        match new_flow::<F>(ctx, p, &mut sc.flow)? {
+            Step::Verdict(v) => return Ok(v),
+            Step::Reject => return reject::<F>(ctx, p),
+            Step::Commit => commit::<F>(ctx, p, &sc.ct_key, &sc.flow, &mut sc.act)?,
+        }
     }
-    new_flow::<F>(ctx, &p, &ct_key)
+    Ok(match sc.act {
+        Action::Verdict(v) => v,
+        Action::Forward { src, dst } => forward::<F>(ctx, p, src, dst),
+        Action::Loopback => to_loopback(ctx),
+    })
+}
+
+/// Per-CPU scratch memory of one tc program run (map `SHUNT_SCRATCH4`/`6`, not pinned):
+/// the state the steps of `try_ingress` hand each other, kept off the 512-byte BPF stack.
+pub struct Scratch<A> {
+    p: Pkt<A>,
+    ct_key: CtKey<A>,
+    flow: Flow<A>,
+    act: Action<A>,
+}
+
+/// What to do with a translated packet.
+pub enum Action<A> {
+    Verdict(i32),
+    /// Send it to its next hop with `forward` (its source is a node address now).
+    Forward {
+        src: A,
+        dst: A,
+    },
+    /// Hand it to the node's own socket through loopback ingress (`to_loopback`).
+    Loopback,
+}
+
+/// The outcome of `new_flow`.
+enum Step {
+    Verdict(i32),
+    Reject,
+    /// A backend was chosen (the `Flow` out-parameter): write conntrack and translate.
+    Commit,
 }
 
 /// A packet of a known flow: a REPLY entry reverse-NATs it, a FORWARD entry re-applies the
 /// flow's DNAT (and masquerade). None when the flow is unknown, or its backend is gone.
 /// Not inlined, like `try_ingress` (stack frames).
 #[inline(never)]
-fn ct_hit<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Result<Option<i32>, ()> {
+fn ct_hit<F: Fam>(
+    ctx: &TcContext,
+    p: &Pkt<F::A>,
+    ct_key: &CtKey<F::A>,
+    act: &mut Action<F::A>,
+) -> Result<bool, ()> {
     if let Some(ct) = F::ct().get_ptr_mut(ct_key) {
         // SAFETY: map value pointer valid for this program run; races with other CPUs only
         // affect the timestamp.
@@ -667,13 +735,16 @@ fn ct_hit<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Resul
                 rewrite::<F>(ctx, p, true, da, dp)?;
             }
             if ct.flags & ct_flags::LOCAL_CLIENT != 0 {
-                return Ok(Some(to_loopback(ctx)));
+                *act = Action::Loopback;
+                return Ok(true);
             }
             if redirect {
                 let dst = if masqueraded { da } else { p.daddr };
-                return Ok(Some(forward::<F>(ctx, p, sa, dst)));
+                *act = Action::Forward { src: sa, dst };
+                return Ok(true);
             }
-            return Ok(Some(TCX_NEXT));
+            *act = Action::Verdict(TCX_NEXT);
+            return Ok(true);
         }
         // FORWARD: keep the flow on its backend while that backend exists; if it was removed,
         // fall through and choose again (kube-proxy's conntrack entry would point at a dead
@@ -691,19 +762,21 @@ fn ct_hit<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Resul
             count(stat::DNAT, ctx.len());
             if !is_zero(sa) {
                 rewrite::<F>(ctx, p, false, sa, sp)?;
-                return Ok(Some(forward::<F>(ctx, p, sa, addr)));
+                *act = Action::Forward { src: sa, dst: addr };
+                return Ok(true);
             }
-            return Ok(Some(TCX_NEXT));
+            *act = Action::Verdict(TCX_NEXT);
+            return Ok(true);
         }
     }
 
-    Ok(None)
+    Ok(false)
 }
 
 /// A packet without a conntrack entry: the service lookup, the backend choice, both
 /// conntrack entries, DNAT and masquerade. Not inlined (stack frames, see `try_ingress`).
 #[inline(never)]
-fn new_flow<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Result<i32, ()> {
+fn new_flow<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, out: &mut Flow<F::A>) -> Result<Step, ()> {
     let mut key = ServiceKey {
         addr: p.daddr,
         dport: p.dport,
@@ -713,7 +786,7 @@ fn new_flow<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Res
         pad: 0,
     };
     let Some(mut svc) = F::svc().get_ptr(&key) else {
-        return miss::<F>(ctx, &p);
+        return Ok(miss::<F>(ctx, p));
     };
     // SAFETY: map value pointer valid for this program run.
     let mut s: Service4Value = unsafe { *svc };
@@ -746,16 +819,16 @@ fn new_flow<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Res
         );
         if F::srcr().get(k).is_none() {
             count(stat::DROP_SOURCE_RANGE, ctx.len());
-            return Ok(TCX_DROP);
+            return Ok(Step::Verdict(TCX_DROP));
         }
     }
     if s.count == 0 {
         if s.flags & svc_flags::REJECT_NO_ENDPOINTS != 0 {
             count(stat::REJECT_NO_ENDPOINTS, ctx.len());
-            return reject::<F>(ctx, &p);
+            return Ok(Step::Reject);
         }
         count(stat::DROP_NO_ENDPOINTS, ctx.len());
-        return Ok(TCX_DROP);
+        return Ok(Step::Verdict(TCX_DROP));
     }
 
     let now = unsafe { bpf_ktime_get_ns() };
@@ -787,13 +860,13 @@ fn new_flow<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Res
                 // Userspace writes slots before slot 0 and deletes slot 0 first, so this is
                 // only a concurrent shrink; drop like a lost packet rather than pass un-NATed.
                 count(stat::ERRORS, ctx.len());
-                return Ok(TCX_DROP);
+                return Ok(Step::Verdict(TCX_DROP));
             };
             // SAFETY: as above.
             let id = unsafe { (*slot).backend_id };
             let Some(be) = F::be().get_ptr(id) else {
                 count(stat::ERRORS, ctx.len());
-                return Ok(TCX_DROP);
+                return Ok(Step::Verdict(TCX_DROP));
             };
             (id, unsafe { *be })
         }
@@ -825,14 +898,14 @@ fn new_flow<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Res
             Some(port) => (node_ip, port),
             None => {
                 count(stat::ERRORS, ctx.len());
-                return Ok(TCX_DROP);
+                return Ok(Step::Verdict(TCX_DROP));
             }
         }
     } else {
         (F::A::default(), 0)
     };
 
-    let flow = Flow {
+    *out = Flow {
         be,
         backend_id,
         rev_nat_id: s.rev_nat_id,
@@ -848,11 +921,11 @@ fn new_flow<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, ct_key: &CtKey<F::A>) -> Res
         },
         now,
     };
-    commit::<F>(ctx, p, ct_key, &flow)
+    Ok(Step::Commit)
 }
 
 /// What `new_flow` decided for a new connection.
-struct Flow<A> {
+pub struct Flow<A> {
     be: Backend<A>,
     backend_id: u32,
     rev_nat_id: u16,
@@ -873,20 +946,11 @@ fn commit<F: Fam>(
     p: &Pkt<F::A>,
     ct_key: &CtKey<F::A>,
     f: &Flow<F::A>,
-) -> Result<i32, ()> {
+    act: &mut Action<F::A>,
+) -> Result<(), ()> {
     let be = f.be;
-    let fwd = CtValue {
-        nat_addr: be.addr,
-        nat_port: be.port,
-        rev_nat_id: f.rev_nat_id,
-        backend_id: f.backend_id,
-        dir: ct_dir::FORWARD,
-        flags: 0,
-        snat_port: f.snat_port,
-        snat_addr: f.snat_addr,
-        pad2: 0,
-        last_seen_ns: f.now,
-    };
+    // One key and one value on the stack, reused for both entries (stack frames, see
+    // `try_ingress`).
     let rev_key = CtKey {
         saddr: be.addr,
         daddr: if f.masq { f.snat_addr } else { p.saddr },
@@ -895,7 +959,7 @@ fn commit<F: Fam>(
         proto: p.proto,
         pad: [0; 3],
     };
-    let rev = CtValue {
+    let mut v = CtValue {
         nat_addr: p.daddr,
         nat_port: p.dport,
         rev_nat_id: f.rev_nat_id,
@@ -908,18 +972,35 @@ fn commit<F: Fam>(
         last_seen_ns: f.now,
     };
     // Reply entry first: once the forward entry exists a reply may already be on its way.
-    if F::ct().insert(&rev_key, &rev, 0).is_err() || F::ct().insert(ct_key, &fwd, 0).is_err() {
+    if F::ct().insert(&rev_key, &v, 0).is_err() {
         count(stat::ERRORS, ctx.len());
-        return Ok(TCX_DROP);
+        *act = Action::Verdict(TCX_DROP);
+        return Ok(());
+    }
+    v.nat_addr = be.addr;
+    v.nat_port = be.port;
+    v.dir = ct_dir::FORWARD;
+    v.flags = 0;
+    v.snat_port = f.snat_port;
+    v.snat_addr = f.snat_addr;
+    if F::ct().insert(ct_key, &v, 0).is_err() {
+        count(stat::ERRORS, ctx.len());
+        *act = Action::Verdict(TCX_DROP);
+        return Ok(());
     }
     rewrite::<F>(ctx, p, true, be.addr, be.port)?;
     count(stat::DNAT, ctx.len());
     if f.masq {
         rewrite::<F>(ctx, p, false, f.snat_addr, f.snat_port)?;
         count(stat::SNAT, ctx.len());
-        return Ok(forward::<F>(ctx, p, f.snat_addr, be.addr));
+        *act = Action::Forward {
+            src: f.snat_addr,
+            dst: be.addr,
+        };
+        return Ok(());
     }
-    Ok(TCX_NEXT)
+    *act = Action::Verdict(TCX_NEXT);
+    Ok(())
 }
 
 /// A free masquerade source port towards `be` (wire order), or None after a bounded number
@@ -1013,23 +1094,29 @@ fn to_loopback(ctx: &TcContext) -> i32 {
 /// No frontend matched: kube-proxy rejects a ClusterIP's unknown port and drops any other
 /// address inside a service CIDR (it is unallocated).
 #[inline(always)]
-fn miss<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Result<i32, ()> {
+fn miss<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Step {
     if F::cip().get_ptr(&p.daddr).is_some() {
         count(stat::REJECT_INVALID_PORT, ctx.len());
-        return reject::<F>(ctx, p);
+        return Step::Reject;
     }
     if F::scidr().get(Key::new(F::BITS, p.daddr)).is_some() {
         count(stat::DROP_UNALLOCATED, ctx.len());
-        return Ok(TCX_DROP);
+        return Step::Verdict(TCX_DROP);
     }
-    Ok(TCX_NEXT)
+    Step::Verdict(TCX_NEXT)
 }
 
 /// Rewrite the destination (`dst`) or source address and port, fixing the checksums that
 /// cover them. A UDP checksum of 0 means "none" (RFC 768) and stays 0: BPF_F_MARK_MANGLED_0
 /// makes bpf_l4_csum_replace skip it and turn a computed 0 into 0xffff.
 #[inline(always)]
-fn rewrite<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, dst: bool, addr: F::A, port: u16) -> Result<(), ()> {
+fn rewrite<F: Fam>(
+    ctx: &TcContext,
+    p: &Pkt<F::A>,
+    dst: bool,
+    addr: F::A,
+    port: u16,
+) -> Result<(), ()> {
     let (old_addr, port_off, old_port) = if dst {
         (p.daddr, p.l4_off + 2, p.dport)
     } else {
@@ -1078,6 +1165,19 @@ fn sum16<const N: usize>(buf: &[u8; N], mut acc: u32) -> u32 {
     acc
 }
 
+/// `sum16` of addresses in wire order (each u32 holds two big-endian 16-bit words).
+#[inline(always)]
+fn sum_words<const N: usize>(words: &[u32; N], mut acc: u32) -> u32 {
+    let mut i = 0;
+    while i < N {
+        let b = words[i].to_ne_bytes();
+        acc += u32::from(u16::from_be_bytes([b[0], b[1]]))
+            + u32::from(u16::from_be_bytes([b[2], b[3]]));
+        i += 1;
+    }
+    acc
+}
+
 #[inline(always)]
 fn fold(mut acc: u32) -> u16 {
     acc = (acc & 0xffff) + (acc >> 16);
@@ -1098,11 +1198,14 @@ fn reject<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Result<i32, ()> {
     if p.ip_options {
         return Ok(TCX_DROP);
     }
+    // The answer goes back where the packet came from: its MACs swapped.
     let mut eth = [0u8; 12];
     load_buf(ctx, 0, &mut eth)?;
-    let mut swapped = [0u8; 12];
-    swapped[..6].copy_from_slice(&eth[6..12]);
-    swapped[6..].copy_from_slice(&eth[..6]);
+    let mut i = 0;
+    while i < 6 {
+        eth.swap(i, i + 6);
+        i += 1;
+    }
     // SAFETY: the context pointer is valid for the program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if p.proto == IPPROTO_TCP {
@@ -1133,7 +1236,7 @@ fn reject<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Result<i32, ()> {
     } else {
         F::port_unreachable(ctx, p)?;
     }
-    ctx.store(0, &swapped, 0).map_err(|_| ())?;
+    ctx.store(0, &eth, 0).map_err(|_| ())?;
     // SAFETY: plain helper; returns TC_ACT_REDIRECT (== TCX_REDIRECT) on success.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

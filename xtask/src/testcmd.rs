@@ -77,6 +77,11 @@ pub fn run() -> Result<bool> {
             ]),
         )?;
     }
+    // ebpf mode: the kernel programs (tc + cgroup socket hooks), both IP families.
+    step(
+        "conformance (ebpf)",
+        Command::new(&me).args(["conformance", "--mode", "ebpf"]),
+    )?;
     // Restart soak (short preset): SIGKILL + restart under load must not cost a connection.
     for mode in ["nftables", "iptables"] {
         step(

@@ -200,6 +200,29 @@ pub mod svc_flags {
     pub const NODE_ADDRESS: u16 = 1 << 7;
 }
 
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u32 {}
+    impl Sealed for [u32; 4] {}
+}
+
+/// The address parameter of the generic map types: `u32` (IPv4) or `[u32; 4]` (IPv6) and
+/// nothing else (sealed), so that every instantiation has the layout asserted below.
+#[cfg(feature = "user")]
+pub trait Wire:
+    Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug + sealed::Sealed + aya::Pod
+{
+}
+/// The address parameter of the generic map types: `u32` (IPv4) or `[u32; 4]` (IPv6) and
+/// nothing else (sealed), so that every instantiation has the layout asserted below.
+#[cfg(not(feature = "user"))]
+pub trait Wire:
+    Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug + sealed::Sealed
+{
+}
+impl Wire for u32 {}
+impl Wire for [u32; 4] {}
+
 /// Frontend key. `backend_slot` 0 is the service entry, 1..=count the backends.
 /// `A` is the address in wire order: `u32` (IPv4) or `[u32; 4]` (IPv6); the family's maps
 /// (`names::V4`, `names::V6`) use the matching alias.
@@ -465,37 +488,22 @@ pub const fn port(p: u16) -> u16 {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY (all): repr(C), integer fields only, explicit padding, sizes asserted above.
-    // Implemented per instantiation (u32 / [u32; 4] addresses), whose sizes are asserted,
-    // not for any address type.
-    macro_rules! pod {
-        ($($t:ty),* $(,)?) => { $(unsafe impl aya::Pod for $t {})* };
-    }
-    pod!(
-        Counter,
-        Service4Value,
-        AffinityValue,
-        SockRevNat4Key,
-        SockRevNat6Key,
-        Service4Key,
-        Service6Key,
-        Backend4,
-        Backend6,
-        RevNat4,
-        RevNat6,
-        Ct4Key,
-        Ct6Key,
-        Ct4Value,
-        Ct6Value,
-        Affinity4Key,
-        Affinity6Key,
-        SrcRange4,
-        SrcRange6,
-        Lpm4,
-        Lpm6,
-        Config4,
-        Config6,
-        SockFwd4,
-        SockFwd6,
-    );
+    // SAFETY (all): repr(C), integer fields only, explicit padding, sizes asserted above;
+    // the generic ones only for the two sealed `Wire` address types, whose instantiations'
+    // sizes are asserted.
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for Service4Value {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SockRevNat4Key {}
+    unsafe impl aya::Pod for SockRevNat6Key {}
+    unsafe impl<A: Wire> aya::Pod for ServiceKey<A> {}
+    unsafe impl<A: Wire> aya::Pod for Backend<A> {}
+    unsafe impl<A: Wire> aya::Pod for RevNat<A> {}
+    unsafe impl<A: Wire> aya::Pod for CtKey<A> {}
+    unsafe impl<A: Wire> aya::Pod for CtValue<A> {}
+    unsafe impl<A: Wire> aya::Pod for AffinityKey<A> {}
+    unsafe impl<A: Wire> aya::Pod for SrcRange<A> {}
+    unsafe impl<A: Wire> aya::Pod for Lpm<A> {}
+    unsafe impl<A: Wire> aya::Pod for Config<A> {}
+    unsafe impl<A: Wire> aya::Pod for SockFwd<A> {}
 }

@@ -320,7 +320,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     in_node(&lab, || {
         let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
         sync(&mut dp, &s);
-        let st = read_state(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
+        let st = read_state::<V4>(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
         assert_eq!(st.services.len(), 9, "adopted maps hold exactly the plan");
         // Make-before-break left exactly one shunt program per interface (the old link was
         // unpinned, which detached it).

@@ -27,7 +27,7 @@
 //! for the packets this program builds itself.
 use aya_ebpf::{
     bindings::{
-        BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
         BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, bpf_fib_lookup as FibParams, bpf_sock_addr,
         tcx_action_base::{TCX_DROP, TCX_NEXT},
     },
@@ -54,18 +54,22 @@ static SHUNT_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::C
 #[map(name = "SHUNT_HOSTNS")]
 static HOSTNS: Array<u64> = Array::with_max_entries(host_ns::COUNT, 0);
 
-/// One family's maps (`$a`: the wire address type, `$sk`: the socket map key).
+/// One family's maps (`$a`: the wire address type, `$sk`: the socket map key). The hash
+/// maps only userspace writes are BPF_F_NO_PREALLOC (memory for present entries only; the
+/// program only looks them up); the conntrack-like LRU maps preallocate, as LRU maps must.
 macro_rules! family_maps {
     ($a:ty, $sk:ty, $svc:ident, $be:ident, $revnat:ident, $ct:ident, $aff:ident, $srcr:ident,
      $cip:ident, $scidr:ident, $lcidr:ident, $skfwd:ident, $cfg:ident, $skrn:ident,
      $scratch:ident) => {
         #[map]
         static $svc: HashMap<ServiceKey<$a>, Service4Value> =
-            HashMap::with_max_entries(limits::SERVICES, 0);
+            HashMap::with_max_entries(limits::SERVICES, BPF_F_NO_PREALLOC);
         #[map]
-        static $be: HashMap<u32, Backend<$a>> = HashMap::with_max_entries(limits::BACKENDS, 0);
+        static $be: HashMap<u32, Backend<$a>> =
+            HashMap::with_max_entries(limits::BACKENDS, BPF_F_NO_PREALLOC);
         #[map]
-        static $revnat: HashMap<u32, RevNat<$a>> = HashMap::with_max_entries(limits::REVNAT, 0);
+        static $revnat: HashMap<u32, RevNat<$a>> =
+            HashMap::with_max_entries(limits::REVNAT, BPF_F_NO_PREALLOC);
         #[map]
         static $ct: LruHashMap<CtKey<$a>, CtValue<$a>> =
             LruHashMap::with_max_entries(limits::CT, 0);
@@ -75,7 +79,8 @@ macro_rules! family_maps {
         #[map]
         static $srcr: LpmTrie<SrcRange<$a>, u8> = LpmTrie::with_max_entries(limits::SRC_RANGES, 0);
         #[map]
-        static $cip: HashMap<$a, u32> = HashMap::with_max_entries(limits::CLUSTER_IPS, 0);
+        static $cip: HashMap<$a, u32> =
+            HashMap::with_max_entries(limits::CLUSTER_IPS, BPF_F_NO_PREALLOC);
         #[map]
         static $scidr: LpmTrie<$a, u8> = LpmTrie::with_max_entries(limits::CIDRS, 0);
         #[map]

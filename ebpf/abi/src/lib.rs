@@ -46,7 +46,9 @@ pub mod names {
     pub const SOCK_REVNAT6: &str = "SHUNT_SKRN6";
     pub const CONFIG6: &str = "SHUNT_CFG6";
     pub const SOCK_FWD6: &str = "SHUNT_SKFWD6";
-    /// Every map the kernel object declares (pinned by name).
+    /// Every map the kernel object declares, pinned by name; except the tc program's
+    /// per-CPU scratch maps `SHUNT_SCRATCH4`/`SHUNT_SCRATCH6`, which hold nothing between
+    /// runs and are not pinned.
     pub const ALL: [&str; 26] = [
         SERVICES4,
         BACKENDS4,
@@ -139,8 +141,12 @@ pub mod host_ns {
 
 /// Map sizes (max_entries). Userspace refuses plans that do not fit.
 pub mod limits {
-    pub const SERVICES: u32 = 65_536;
-    pub const BACKENDS: u32 = 65_536;
+    /// One entry per frontend and scope plus one per backend slot: 10,000 Services x 10
+    /// endpoints need 110,000. The maps userspace fills (services, backends, reverse NAT,
+    /// ClusterIPs) are created with BPF_F_NO_PREALLOC, so the size costs kernel memory only
+    /// for the entries present.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 262_144;
     pub const REVNAT: u32 = 65_536;
     pub const CT: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;

@@ -73,10 +73,30 @@ const UDP: u8 = 17;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
+const PAYLOAD: &[u8] = b"hello";
+
+/// A TCP (20 bytes, seq 1000, ack 5000 with ACK) or UDP header followed by `PAYLOAD`,
+/// checksum left 0, filling `l4` exactly.
+fn fill_l4(l4: &mut [u8], proto: u8, sport: u16, dport: u16, flags: u8) {
+    let len = l4.len();
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        l4[8..12].copy_from_slice(&if flags & ACK != 0 { 5000u32 } else { 0 }.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = flags;
+        l4[14..16].copy_from_slice(&1024u16.to_be_bytes());
+        l4[20..].copy_from_slice(PAYLOAD);
+    } else {
+        l4[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        l4[8..].copy_from_slice(PAYLOAD);
+    }
+}
+
 /// Ethernet + IPv4 (no options) + TCP (20 bytes) or UDP, with correct checksums.
 fn packet(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
-    let payload = b"hello";
-    let l4_len = if proto == TCP { 20 } else { 8 } + payload.len();
+    let l4_len = if proto == TCP { 20 } else { 8 } + PAYLOAD.len();
     let mut p = vec![0u8; 14 + 20 + l4_len];
     p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
     p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
@@ -90,20 +110,7 @@ fn packet(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: 
     ip[16..20].copy_from_slice(&dst);
     let c = fold(sum(ip, 0));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let l4 = &mut p[34..];
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    if proto == TCP {
-        l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
-        l4[8..12].copy_from_slice(&if flags & ACK != 0 { 5000u32 } else { 0 }.to_be_bytes());
-        l4[12] = 5 << 4;
-        l4[13] = flags;
-        l4[14..16].copy_from_slice(&1024u16.to_be_bytes());
-        l4[20..].copy_from_slice(payload);
-    } else {
-        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        l4[8..].copy_from_slice(payload);
-    }
+    fill_l4(&mut p[34..], proto, sport, dport, flags);
     let csum = l4_csum(&p);
     let off = 34 + if proto == TCP { 16 } else { 6 };
     let csum = if proto == UDP && csum == 0 {
@@ -601,8 +608,7 @@ fn setup6(s: &Snapshot) -> Ebpf {
 
 /// Ethernet + IPv6 + TCP (20 bytes) or UDP, payload "hello", correct checksum.
 fn packet6(proto: u8, src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
-    let payload = b"hello";
-    let l4_len = if proto == TCP { 20 } else { 8 } + payload.len();
+    let l4_len = if proto == TCP { 20 } else { 8 } + PAYLOAD.len();
     let mut p = vec![0u8; 14 + 40 + l4_len];
     p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
     p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
@@ -613,20 +619,7 @@ fn packet6(proto: u8, src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -
     p[21] = 64;
     p[22..38].copy_from_slice(&a6(src));
     p[38..54].copy_from_slice(&a6(dst));
-    let l4 = &mut p[54..];
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    if proto == TCP {
-        l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
-        l4[8..12].copy_from_slice(&if flags & ACK != 0 { 5000u32 } else { 0 }.to_be_bytes());
-        l4[12] = 5 << 4;
-        l4[13] = flags;
-        l4[14..16].copy_from_slice(&1024u16.to_be_bytes());
-        l4[20..].copy_from_slice(payload);
-    } else {
-        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        l4[8..].copy_from_slice(payload);
-    }
+    fill_l4(&mut p[54..], proto, sport, dport, flags);
     let c = l4_csum6(&p);
     let off = csum_off6(p[20]);
     p[off..off + 2].copy_from_slice(&c.to_be_bytes());

@@ -347,13 +347,10 @@ fn shrink_and_delete_break_after_make() {
     assert_eq!(a1, id(&new));
 }
 
-#[test]
-fn ids_survive_a_readback() {
-    let mut s = svc("lb", "172.30.0.13", vec![ep("10.1.0.1", true)]);
-    s.port.node_port = Some(30080);
-    let sn = snap(vec![s]);
-    let st = desired(&sn, &[], &State4::default()).unwrap();
-    let mut back = State4 {
+/// What the kernel maps would give back for `st` (the id allocations are not stored), with
+/// its ids rebuilt: they must be `st`'s.
+fn assert_ids_survive_readback<F: Family>(st: &State<F>) -> State<F> {
+    let mut back = State::<F> {
         node_ip: st.node_ip,
         services: st.services.clone(),
         backends: st.backends.clone(),
@@ -363,6 +360,16 @@ fn ids_survive_a_readback() {
     ids_from_maps(&mut back);
     assert_eq!(back.backend_ids, st.backend_ids);
     assert_eq!(back.rev_nat_ids, st.rev_nat_ids);
+    back
+}
+
+#[test]
+fn ids_survive_a_readback() {
+    let mut s = svc("lb", "172.30.0.13", vec![ep("10.1.0.1", true)]);
+    s.port.node_port = Some(30080);
+    let sn = snap(vec![s]);
+    let st = desired(&sn, &[], &State4::default()).unwrap();
+    let back = assert_ids_survive_readback(&st);
     let again = desired(&sn, &[], &back).unwrap();
     assert_eq!(again, st);
 }
@@ -533,16 +540,7 @@ fn ipv6_nodeport_lb_local_policy_and_source_ranges() {
 
     // Ids survive a read-back (V6::from_wire inverts V6::wire), and a diff from empty
     // writes everything a slot 0 refers to before it.
-    let mut back = State6 {
-        node_ip: st.node_ip,
-        services: st.services.clone(),
-        backends: st.backends.clone(),
-        rev_nat: st.rev_nat.clone(),
-        ..Default::default()
-    };
-    ids_from_maps(&mut back);
-    assert_eq!(back.backend_ids, st.backend_ids);
-    assert_eq!(back.rev_nat_ids, st.rev_nat_ids);
+    assert_ids_survive_readback(&st);
     let ops = diff(&State6::default(), &st);
     let first_slot0 = pos(
         &ops,

@@ -555,3 +555,11 @@ fn ipv6_nodeport_lb_local_policy_and_source_ranges() {
     assert!(last_ref < first_slot0, "{ops:?}");
     assert!(diff(&st, &st).is_empty());
 }
+
+#[test]
+fn ids_fill_gaps_lowest_first_and_run_out() {
+    let mut ids = Ids::new(BTreeSet::from([1, 2, 4, 7]), 9, "backend");
+    let got: Vec<u32> = (0..5).map(|_| ids.take().unwrap()).collect();
+    assert_eq!(got, vec![3, 5, 6, 8, 9]);
+    assert_eq!(ids.take(), Err(PlanError::IdsExhausted { what: "backend" }));
+}

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the one command that runs every test, stopping at the first failure.
 //! Order: what needs installing, manifest validation, fmt, clippy, unit/integration/namespace
-//! tests, then the packet-level conformance scenarios in nftables mode and in iptables mode
-//! (legacy and nft backends), then the short soaks (every scenario) in every mode, then the
+//! tests, then the packet-level conformance scenarios in nftables mode, in iptables mode
+//! (legacy and nft backends) and in ebpf mode, then the short soaks (every scenario) in every
+//! mode, then the
 //! bench's quick preset.
 
 use std::process::Command;
@@ -78,6 +79,11 @@ pub fn run() -> Result<bool> {
             ]),
         )?;
     }
+    // ebpf mode: the kernel programs (tc + cgroup socket hooks), both IP families.
+    step(
+        "conformance (ebpf)",
+        Command::new(&me).args(["conformance", "--mode", "ebpf"]),
+    )?;
     // Soaks (issue #8), short presets: restart, rolling update, UDP backend replacement,
     // endpoint churn and API outage under counted client load, in every mode; one lab per mode.
     for mode in ["nftables", "iptables", "ebpf"] {

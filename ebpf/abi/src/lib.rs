@@ -34,8 +34,22 @@ pub mod names {
     /// (SO_NETNS_COOKIE, 0 when unset), the socket programs translating only sockets of
     /// that namespace; and whether the tc program is attached to loopback.
     pub const HOST_NETNS: &str = "SHUNT_HOSTNS";
-    /// Every map the kernel object declares (pinned by name).
-    pub const ALL: [&str; 14] = [
+    pub const SERVICES6: &str = "SHUNT_SVC6";
+    pub const BACKENDS6: &str = "SHUNT_BE6";
+    pub const REVNAT6: &str = "SHUNT_REVNAT6";
+    pub const CT6: &str = "SHUNT_CT6";
+    pub const AFFINITY6: &str = "SHUNT_AFF6";
+    pub const SRC_RANGE6: &str = "SHUNT_SRCR6";
+    pub const CLUSTER_IP6: &str = "SHUNT_CIP6";
+    pub const SERVICE_CIDR6: &str = "SHUNT_SCIDR6";
+    pub const LOCAL_CIDR6: &str = "SHUNT_LCIDR6";
+    pub const SOCK_REVNAT6: &str = "SHUNT_SKRN6";
+    pub const CONFIG6: &str = "SHUNT_CFG6";
+    pub const SOCK_FWD6: &str = "SHUNT_SKFWD6";
+    /// Every map the kernel object declares, pinned by name; except the tc program's
+    /// per-CPU scratch maps `SHUNT_SCRATCH4`/`SHUNT_SCRATCH6`, which hold nothing between
+    /// runs and are not pinned.
+    pub const ALL: [&str; 26] = [
         SERVICES4,
         BACKENDS4,
         REVNAT4,
@@ -50,7 +64,68 @@ pub mod names {
         CONFIG4,
         SOCK_FWD4,
         HOST_NETNS,
+        SERVICES6,
+        BACKENDS6,
+        REVNAT6,
+        CT6,
+        AFFINITY6,
+        SRC_RANGE6,
+        CLUSTER_IP6,
+        SERVICE_CIDR6,
+        LOCAL_CIDR6,
+        SOCK_REVNAT6,
+        CONFIG6,
+        SOCK_FWD6,
     ];
+
+    /// One family's maps. Keys and values: `ServiceKey<A>` -> `Service4Value`,
+    /// u32 -> `Backend<A>`, u32 -> `RevNat<A>`, `CtKey<A>` -> `CtValue<A>`,
+    /// `AffinityKey<A>` -> `AffinityValue`, LPM `SrcRange<A>` -> u8, `A` -> u32 (ClusterIPs),
+    /// LPM `A` -> u8 (CIDRs), `Config<A>` array, socket maps keyed by `SockRevNat4Key` /
+    /// `SockRevNat6Key`; with `A` = u32 for IPv4 and `[u32; 4]` for IPv6.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Family {
+        pub services: &'static str,
+        pub backends: &'static str,
+        pub rev_nat: &'static str,
+        pub ct: &'static str,
+        pub affinity: &'static str,
+        pub src_range: &'static str,
+        pub cluster_ip: &'static str,
+        pub service_cidr: &'static str,
+        pub local_cidr: &'static str,
+        pub sock_rev_nat: &'static str,
+        pub config: &'static str,
+        pub sock_fwd: &'static str,
+    }
+    pub const V4: Family = Family {
+        services: SERVICES4,
+        backends: BACKENDS4,
+        rev_nat: REVNAT4,
+        ct: CT4,
+        affinity: AFFINITY4,
+        src_range: SRC_RANGE4,
+        cluster_ip: CLUSTER_IP4,
+        service_cidr: SERVICE_CIDR4,
+        local_cidr: LOCAL_CIDR4,
+        sock_rev_nat: SOCK_REVNAT4,
+        config: CONFIG4,
+        sock_fwd: SOCK_FWD4,
+    };
+    pub const V6: Family = Family {
+        services: SERVICES6,
+        backends: BACKENDS6,
+        rev_nat: REVNAT6,
+        ct: CT6,
+        affinity: AFFINITY6,
+        src_range: SRC_RANGE6,
+        cluster_ip: CLUSTER_IP6,
+        service_cidr: SERVICE_CIDR6,
+        local_cidr: LOCAL_CIDR6,
+        sock_rev_nat: SOCK_REVNAT6,
+        config: CONFIG6,
+        sock_fwd: SOCK_FWD6,
+    };
 }
 
 /// Indexes of `names::HOST_NETNS`.
@@ -66,8 +141,12 @@ pub mod host_ns {
 
 /// Map sizes (max_entries). Userspace refuses plans that do not fit.
 pub mod limits {
-    pub const SERVICES: u32 = 65_536;
-    pub const BACKENDS: u32 = 65_536;
+    /// One entry per frontend and scope plus one per backend slot: 10,000 Services x 10
+    /// endpoints need 110,000. The maps userspace fills (services, backends, reverse NAT,
+    /// ClusterIPs) are created with BPF_F_NO_PREALLOC, so the size costs kernel memory only
+    /// for the entries present.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 262_144;
     pub const REVNAT: u32 = 65_536;
     pub const CT: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
@@ -127,20 +206,49 @@ pub mod svc_flags {
     pub const NODE_ADDRESS: u16 = 1 << 7;
 }
 
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for u32 {}
+    impl Sealed for [u32; 4] {}
+}
+
+/// The address parameter of the generic map types: `u32` (IPv4) or `[u32; 4]` (IPv6) and
+/// nothing else (sealed), so that every instantiation has the layout asserted below.
+#[cfg(feature = "user")]
+pub trait Wire:
+    Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug + sealed::Sealed + aya::Pod
+{
+}
+/// The address parameter of the generic map types: `u32` (IPv4) or `[u32; 4]` (IPv6) and
+/// nothing else (sealed), so that every instantiation has the layout asserted below.
+#[cfg(not(feature = "user"))]
+pub trait Wire:
+    Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug + sealed::Sealed
+{
+}
+impl Wire for u32 {}
+impl Wire for [u32; 4] {}
+
 /// Frontend key. `backend_slot` 0 is the service entry, 1..=count the backends.
+/// `A` is the address in wire order: `u32` (IPv4) or `[u32; 4]` (IPv6); the family's maps
+/// (`names::V4`, `names::V6`) use the matching alias.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Service4Key {
-    pub addr: u32,
+pub struct ServiceKey<A> {
+    pub addr: A,
     pub dport: u16,
     pub proto: u8,
     pub scope: u8,
     pub backend_slot: u16,
     pub pad: u16,
 }
+pub type Service4Key = ServiceKey<u32>;
+pub type Service6Key = ServiceKey<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Service4Key>() == 12);
+const _: () = assert!(core::mem::size_of::<Service6Key>() == 24);
 
 /// Slot 0: `count`, `rev_nat_id`, `flags`, `affinity_timeout`. Slot n: `backend_id`.
+/// The value of both families' service maps (it holds no address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Service4Value {
@@ -152,42 +260,53 @@ pub struct Service4Value {
     pub affinity_timeout: u32,
 }
 const _: () = assert!(core::mem::size_of::<Service4Value>() == 16);
+/// `SHUNT_SVC6`'s value: the same as IPv4's.
+pub type Service6Value = Service4Value;
 
 /// A backend (endpoint address and target port), keyed by a u32 id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend4 {
-    pub addr: u32,
+pub struct Backend<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub flags: u8,
 }
+pub type Backend4 = Backend<u32>;
+pub type Backend6 = Backend<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Backend4>() == 8);
+const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
 
 /// Reverse NAT: rev_nat_id (u32 key) -> the frontend replies must appear to come from.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNat4 {
-    pub addr: u32,
+pub struct RevNat<A> {
+    pub addr: A,
     pub port: u16,
     pub pad: u16,
 }
+pub type RevNat4 = RevNat<u32>;
+pub type RevNat6 = RevNat<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<RevNat4>() == 8);
+const _: () = assert!(core::mem::size_of::<RevNat6>() == 20);
 
 /// Conntrack key: the packet's own 5-tuple as it arrives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Ct4Key {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct CtKey<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub pad: [u8; 3],
 }
+pub type Ct4Key = CtKey<u32>;
+pub type Ct6Key = CtKey<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
+const _: () = assert!(core::mem::size_of::<Ct6Key>() == 40);
 
-/// `Ct4Value::flags`.
+/// `CtValue::flags`.
 pub mod ct_flags {
     /// After translation the packet's source is a node address (a NodePort reply, or a
     /// masqueraded flow): it must bypass the input path, which drops local sources as
@@ -199,7 +318,7 @@ pub mod ct_flags {
     pub const LOCAL_CLIENT: u8 = 2;
 }
 
-/// `Ct4Value::dir`.
+/// `CtValue::dir`.
 pub mod ct_dir {
     /// Client -> frontend: rewrite the destination to `nat_addr:nat_port` (the backend).
     pub const FORWARD: u8 = 1;
@@ -212,8 +331,8 @@ pub mod ct_dir {
 /// destination; 0 = destination unchanged).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Ct4Value {
-    pub nat_addr: u32,
+pub struct CtValue<A> {
+    pub nat_addr: A,
     pub nat_port: u16,
     pub rev_nat_id: u16,
     pub backend_id: u32,
@@ -221,37 +340,48 @@ pub struct Ct4Value {
     /// `ct_flags::*`.
     pub flags: u8,
     pub snat_port: u16,
-    pub snat_addr: u32,
+    pub snat_addr: A,
     pub pad2: u32,
     /// bpf_ktime_get_ns() of the last packet.
     pub last_seen_ns: u64,
 }
+pub type Ct4Value = CtValue<u32>;
+pub type Ct6Value = CtValue<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
+const _: () = assert!(core::mem::size_of::<Ct6Value>() == 56);
 
 /// Node-wide settings (array map, one entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Config4 {
-    /// Masquerade source address (the node's primary IPv4); 0 disables masquerading.
-    pub node_ip: u32,
+pub struct Config<A> {
+    /// Masquerade source address (the node's primary address of the family); 0 disables
+    /// masquerading.
+    pub node_ip: A,
     pub pad: u32,
 }
+pub type Config4 = Config<u32>;
+pub type Config6 = Config<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Config4>() == 8);
+const _: () = assert!(core::mem::size_of::<Config6>() == 20);
 
 /// Source ports used for masquerading: above Linux's default ephemeral range
-/// (net.ipv4.ip_local_port_range 32768-60999) so that node sockets do not collide.
+/// (net.ipv4.ip_local_port_range 32768-60999, which IPv6 sockets share) so that node
+/// sockets do not collide.
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// ClientIP affinity: (client, service) -> backend.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Affinity4Key {
-    pub client: u32,
+pub struct AffinityKey<A> {
+    pub client: A,
     pub rev_nat_id: u16,
     pub pad: u16,
 }
+pub type Affinity4Key = AffinityKey<u32>;
+pub type Affinity6Key = AffinityKey<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Affinity4Key>() == 8);
+const _: () = assert!(core::mem::size_of::<Affinity6Key>() == 20);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -265,25 +395,31 @@ const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 /// LPM key data for loadBalancerSourceRanges: the prefix length counts 32 bits of
 /// `rev_nat_id`+`pad` plus the source prefix, so one trie serves every service.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SrcRange4 {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRange<A> {
     pub rev_nat_id: u16,
     pub pad: u16,
-    pub addr: u32,
+    pub addr: A,
 }
+pub type SrcRange4 = SrcRange<u32>;
+pub type SrcRange6 = SrcRange<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<SrcRange4>() == 8);
-/// Bits of `SrcRange4` before the address.
+const _: () = assert!(core::mem::size_of::<SrcRange6>() == 20);
+/// Bits of `SrcRange` before the address.
 pub const SRC_RANGE_ID_BITS: u32 = 32;
 
 /// An `LpmTrie` key as the kernel reads it (`struct bpf_lpm_trie_key_u8` + data); same
 /// layout as `aya_ebpf::maps::lpm_trie::Key` and `aya::maps::lpm_trie::Key`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Lpm4 {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lpm<A> {
     pub prefix_len: u32,
-    pub addr: u32,
+    pub addr: A,
 }
+pub type Lpm4 = Lpm<u32>;
+pub type Lpm6 = Lpm<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Lpm4>() == 8);
+const _: () = assert!(core::mem::size_of::<Lpm6>() == 20);
 
 /// Socket-level reverse NAT for node-originated traffic (cgroup connect4/sendmsg4 rewrote
 /// the destination; recvmsg4/getpeername4 must show the frontend again): keyed by the
@@ -298,62 +434,33 @@ pub struct SockRevNat4Key {
 }
 const _: () = assert!(core::mem::size_of::<SockRevNat4Key>() == 16);
 
-/// Per-socket backend choice (key: `SockRevNat4Key` with the frontend address and port), so
+/// IPv6 twin of [`SockRevNat4Key`] (connect6/sendmsg6, recvmsg6/getpeername6). Not the
+/// generic shape: the u64 cookie aligns the struct to 8, so the padding is spelled out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNat6Key {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub pad: [u16; 3],
+}
+const _: () = assert!(core::mem::size_of::<SockRevNat6Key>() == 32);
+
+/// Per-socket backend choice (key: `SockRevNat*Key` with the frontend address and port), so
 /// that every datagram of an unconnected UDP socket to one frontend goes to one backend, as
 /// a conntrack entry would keep it in kube-proxy.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockFwd4 {
+pub struct SockFwd<A> {
     pub backend_id: u32,
-    pub addr: u32,
+    pub addr: A,
     pub port: u16,
     pub rev_nat_id: u16,
 }
+pub type SockFwd4 = SockFwd<u32>;
+pub type SockFwd6 = SockFwd<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<SockFwd4>() == 12);
-
-/// IPv6 twins: same shapes with 128-bit addresses as four u32 words in wire order.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Service6Key {
-    pub addr: [u32; 4],
-    pub dport: u16,
-    pub proto: u8,
-    pub scope: u8,
-    pub backend_slot: u16,
-    pub pad: u16,
-}
-const _: () = assert!(core::mem::size_of::<Service6Key>() == 24);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Backend6 {
-    pub addr: [u32; 4],
-    pub port: u16,
-    pub proto: u8,
-    pub flags: u8,
-}
-const _: () = assert!(core::mem::size_of::<Backend6>() == 20);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct RevNat6 {
-    pub addr: [u32; 4],
-    pub port: u16,
-    pub pad: u16,
-}
-const _: () = assert!(core::mem::size_of::<RevNat6>() == 20);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Ct6Key {
-    pub saddr: [u32; 4],
-    pub daddr: [u32; 4],
-    pub sport: u16,
-    pub dport: u16,
-    pub proto: u8,
-    pub pad: [u8; 3],
-}
-const _: () = assert!(core::mem::size_of::<Ct6Key>() == 40);
+const _: () = assert!(core::mem::size_of::<SockFwd6>() == 24);
 
 /// One per-CPU counter.
 #[repr(C)]
@@ -387,23 +494,22 @@ pub const fn port(p: u16) -> u16 {
 #[cfg(feature = "user")]
 mod user {
     use super::*;
-    // SAFETY (all): repr(C), integer fields only, explicit padding, sizes asserted above.
+    // SAFETY (all): repr(C), integer fields only, explicit padding, sizes asserted above;
+    // the generic ones only for the two sealed `Wire` address types, whose instantiations'
+    // sizes are asserted.
     unsafe impl aya::Pod for Counter {}
-    unsafe impl aya::Pod for Service4Key {}
     unsafe impl aya::Pod for Service4Value {}
-    unsafe impl aya::Pod for Backend4 {}
-    unsafe impl aya::Pod for RevNat4 {}
-    unsafe impl aya::Pod for Ct4Key {}
-    unsafe impl aya::Pod for Ct4Value {}
-    unsafe impl aya::Pod for Affinity4Key {}
     unsafe impl aya::Pod for AffinityValue {}
-    unsafe impl aya::Pod for SrcRange4 {}
-    unsafe impl aya::Pod for Lpm4 {}
     unsafe impl aya::Pod for SockRevNat4Key {}
-    unsafe impl aya::Pod for Config4 {}
-    unsafe impl aya::Pod for SockFwd4 {}
-    unsafe impl aya::Pod for Service6Key {}
-    unsafe impl aya::Pod for Backend6 {}
-    unsafe impl aya::Pod for RevNat6 {}
-    unsafe impl aya::Pod for Ct6Key {}
+    unsafe impl aya::Pod for SockRevNat6Key {}
+    unsafe impl<A: Wire> aya::Pod for ServiceKey<A> {}
+    unsafe impl<A: Wire> aya::Pod for Backend<A> {}
+    unsafe impl<A: Wire> aya::Pod for RevNat<A> {}
+    unsafe impl<A: Wire> aya::Pod for CtKey<A> {}
+    unsafe impl<A: Wire> aya::Pod for CtValue<A> {}
+    unsafe impl<A: Wire> aya::Pod for AffinityKey<A> {}
+    unsafe impl<A: Wire> aya::Pod for SrcRange<A> {}
+    unsafe impl<A: Wire> aya::Pod for Lpm<A> {}
+    unsafe impl<A: Wire> aya::Pod for Config<A> {}
+    unsafe impl<A: Wire> aya::Pod for SockFwd<A> {}
 }

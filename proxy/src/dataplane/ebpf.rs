@@ -11,12 +11,17 @@
 //! in the chain share the maps, and the second finds nothing to do on a packet the first
 //! already translated).
 //!
-//! Node-originated traffic is balanced at the socket (cgroup connect4/sendmsg4/recvmsg4/
-//! getpeername4 on `cgroup_root`, sockets of the node's network namespace only), pinned as
-//! `cg_<program>` links; traffic to node addresses is left to tc on `lo` (masqueraded as
-//! kube-proxy does for local sources). bpffs is mounted at /sys/fs/bpf when missing.
+//! Node-originated traffic is balanced at the socket (cgroup connect/sendmsg/recvmsg/
+//! getpeername, 4 and 6, on `cgroup_root`, sockets of the node's network namespace only),
+//! pinned as `cg_<program>` links; traffic to node addresses is left to tc on `lo`
+//! (masqueraded as kube-proxy does for local sources). bpffs is mounted at /sys/fs/bpf when
+//! missing.
 //!
-//! Not done yet (see ebpf/README.md): IPv6, SCTP, following interfaces that appear after
+//! Both families share the code: every map function here is generic over
+//! [`KernelFamily`] (the plan's [`Family`] plus its socket-map key), and each family's
+//! snapshot is planned and written into that family's maps.
+//!
+//! Not done yet (see ebpf/README.md): SCTP, following interfaces that appear after
 //! start (veth hot-plug via netlink; they are picked up at the next sync).
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -28,15 +33,27 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use shunt_abi::{
-    Affinity4Key, AffinityValue, Backend4, Config4, Ct4Key, Ct4Value, RevNat4, Service4Key,
-    Service4Value, SockFwd4, SockRevNat4Key, SrcRange4, names,
+    AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, Lpm, RevNat, Service4Value,
+    ServiceKey, SockFwd, SockRevNat4Key, SockRevNat6Key, SrcRange, names,
 };
 
 use super::{Dataplane, DataplaneError, SyncOutcome, SyncRequest};
-use crate::model::IpFamily;
+use crate::model::{IpFamily, Snapshot};
 use crate::plan::ebpf::{
-    Lpm4Ord, MapOp, SrcRange4Ord, State4, Trie, desired, diff, ids_from_maps, valid_pairs,
+    Family, MapOp, State, State4, State6, Trie, V4, V6, desired, diff, ids_from_maps, valid_pairs,
 };
+
+/// A family as the kernel maps see it: the plan's [`Family`] plus the key type of its
+/// socket-level maps (not of the generic shape, see `shunt_abi::SockRevNat6Key`).
+pub trait KernelFamily: Family {
+    type SockKey: aya::Pod;
+}
+impl KernelFamily for V4 {
+    type SockKey = SockRevNat4Key;
+}
+impl KernelFamily for V6 {
+    type SockKey = SockRevNat6Key;
+}
 
 /// The kernel object built by `build.rs` (aya-build) for the bpf target.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/shunt"));
@@ -44,11 +61,15 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sh
 /// Name of the tc program in the object.
 pub const TC_INGRESS: &str = "shunt_tc_ingress";
 /// The cgroup/sock_addr programs (node-originated traffic), in attach order.
-pub const SOCK_PROGRAMS: [&str; 4] = [
+pub const SOCK_PROGRAMS: [&str; 8] = [
     "shunt_connect4",
     "shunt_sendmsg4",
     "shunt_recvmsg4",
     "shunt_getpeername4",
+    "shunt_connect6",
+    "shunt_sendmsg6",
+    "shunt_recvmsg6",
+    "shunt_getpeername6",
 ];
 
 /// bpffs' magic number (include/uapi/linux/magic.h BPF_FS_MAGIC).
@@ -155,48 +176,57 @@ fn trie<'a, K: aya::Pod>(
     LpmTrie::try_from(map_mut(ebpf, name)?).map_err(|e| other(name, e))
 }
 
-fn trie_name(t: Trie) -> &'static str {
+fn trie_name<F: Family>(t: Trie) -> &'static str {
     match t {
-        Trie::ServiceCidr => names::SERVICE_CIDR4,
-        Trie::LocalCidr => names::LOCAL_CIDR4,
+        Trie::ServiceCidr => F::MAPS.service_cidr,
+        Trie::LocalCidr => F::MAPS.local_cidr,
     }
 }
 
-/// Apply map operations in order. Stops at the first failure (the maps then hold a prefix
-/// of the operations, which the ordering keeps consistent for the kernel program).
-pub fn apply_ops(ebpf: &mut Ebpf, ops: &[MapOp]) -> Result<(), DataplaneError> {
+/// Apply map operations in order to family `F`'s maps. Stops at the first failure (the
+/// maps then hold a prefix of the operations, which the ordering keeps consistent for the
+/// kernel program).
+pub fn apply_ops<F: KernelFamily>(
+    ebpf: &mut Ebpf,
+    ops: &[MapOp<F::Wire>],
+) -> Result<(), DataplaneError> {
+    let m = F::MAPS;
     for op in ops {
         let res = match op {
             MapOp::SetConfig(c) => {
-                aya::maps::Array::<_, Config4>::try_from(map_mut(ebpf, names::CONFIG4)?)
-                    .map_err(|e| other(names::CONFIG4, e))?
+                aya::maps::Array::<_, Config<F::Wire>>::try_from(map_mut(ebpf, m.config)?)
+                    .map_err(|e| other(m.config, e))?
                     .set(0, c, 0)
             }
             MapOp::PutBackend(id, b) => {
-                hash::<u32, Backend4>(ebpf, names::BACKENDS4)?.insert(id, b, 0)
+                hash::<u32, Backend<F::Wire>>(ebpf, m.backends)?.insert(id, b, 0)
             }
-            MapOp::DelBackend(id) => hash::<u32, Backend4>(ebpf, names::BACKENDS4)?.remove(id),
-            MapOp::PutRevNat(id, r) => hash::<u32, RevNat4>(ebpf, names::REVNAT4)?.insert(id, r, 0),
-            MapOp::DelRevNat(id) => hash::<u32, RevNat4>(ebpf, names::REVNAT4)?.remove(id),
+            MapOp::DelBackend(id) => hash::<u32, Backend<F::Wire>>(ebpf, m.backends)?.remove(id),
+            MapOp::PutRevNat(id, r) => {
+                hash::<u32, RevNat<F::Wire>>(ebpf, m.rev_nat)?.insert(id, r, 0)
+            }
+            MapOp::DelRevNat(id) => hash::<u32, RevNat<F::Wire>>(ebpf, m.rev_nat)?.remove(id),
             MapOp::PutService(k, v) => {
-                hash::<Service4Key, Service4Value>(ebpf, names::SERVICES4)?.insert(k, v, 0)
+                hash::<ServiceKey<F::Wire>, Service4Value>(ebpf, m.services)?.insert(k, v, 0)
             }
             MapOp::DelService(k) => {
-                hash::<Service4Key, Service4Value>(ebpf, names::SERVICES4)?.remove(k)
+                hash::<ServiceKey<F::Wire>, Service4Value>(ebpf, m.services)?.remove(k)
             }
-            MapOp::PutClusterIp(a) => hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.insert(a, 1, 0),
-            MapOp::DelClusterIp(a) => hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.remove(a),
+            MapOp::PutClusterIp(a) => hash::<F::Wire, u32>(ebpf, m.cluster_ip)?.insert(a, 1, 0),
+            MapOp::DelClusterIp(a) => hash::<F::Wire, u32>(ebpf, m.cluster_ip)?.remove(a),
             MapOp::PutSrcRange(p, r) => {
-                trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.insert(&Key::new(*p, r.abi()), 1, 0)
+                trie::<SrcRange<F::Wire>>(ebpf, m.src_range)?.insert(&Key::new(*p, *r), 1, 0)
             }
             MapOp::DelSrcRange(p, r) => {
-                trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.remove(&Key::new(*p, r.abi()))
+                trie::<SrcRange<F::Wire>>(ebpf, m.src_range)?.remove(&Key::new(*p, *r))
             }
-            MapOp::PutLpm(t, c) => {
-                trie::<u32>(ebpf, trie_name(*t))?.insert(&Key::new(c.prefix_len, c.addr), 1, 0)
-            }
+            MapOp::PutLpm(t, c) => trie::<F::Wire>(ebpf, trie_name::<F>(*t))?.insert(
+                &Key::new(c.prefix_len, c.addr),
+                1,
+                0,
+            ),
             MapOp::DelLpm(t, c) => {
-                trie::<u32>(ebpf, trie_name(*t))?.remove(&Key::new(c.prefix_len, c.addr))
+                trie::<F::Wire>(ebpf, trie_name::<F>(*t))?.remove(&Key::new(c.prefix_len, c.addr))
             }
         };
         res.map_err(|e| other(format!("map write {op:?}"), e))?;
@@ -204,17 +234,21 @@ pub fn apply_ops(ebpf: &mut Ebpf, ops: &[MapOp]) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Delete kernel-owned entries naming a (service, backend) pair that is gone: affinity
-/// entries of any protocol, and UDP conntrack entries (both directions), as kube-proxy
-/// clears UDP conntrack for removed endpoints. TCP flows are left to fail or finish, as with
-/// kube-proxy; the program re-selects when their backend id no longer names their backend.
-/// Returns the number of conntrack entries deleted.
-pub fn purge_stale(ebpf: &mut Ebpf, valid: &BTreeSet<(u16, u32)>) -> Result<u64, DataplaneError> {
+/// Delete kernel-owned entries of family `F` naming a (service, backend) pair that is
+/// gone: affinity entries of any protocol, and UDP conntrack entries (both directions), as
+/// kube-proxy clears UDP conntrack for removed endpoints. TCP flows are left to fail or
+/// finish, as with kube-proxy; the program re-selects when their backend id no longer names
+/// their backend. Returns the number of conntrack entries deleted.
+pub fn purge_stale<F: KernelFamily>(
+    ebpf: &mut Ebpf,
+    valid: &BTreeSet<(u16, u32)>,
+) -> Result<u64, DataplaneError> {
+    let m = F::MAPS;
     let rd = |n: &str, e: aya::maps::MapError| other(format!("reading {n}"), e);
-    let mut aff = hash::<Affinity4Key, AffinityValue>(ebpf, names::AFFINITY4)?;
+    let mut aff = hash::<AffinityKey<F::Wire>, AffinityValue>(ebpf, m.affinity)?;
     let mut stale = Vec::new();
     for kv in aff.iter() {
-        let (k, v) = kv.map_err(|e| rd(names::AFFINITY4, e))?;
+        let (k, v) = kv.map_err(|e| rd(m.affinity, e))?;
         if !valid.contains(&(k.rev_nat_id, v.backend_id)) {
             stale.push(k);
         }
@@ -223,10 +257,10 @@ pub fn purge_stale(ebpf: &mut Ebpf, valid: &BTreeSet<(u16, u32)>) -> Result<u64,
         // An LRU entry may have been evicted meanwhile; that is the goal anyway.
         let _ = aff.remove(k);
     }
-    let mut ct = hash::<Ct4Key, Ct4Value>(ebpf, names::CT4)?;
+    let mut ct = hash::<CtKey<F::Wire>, CtValue<F::Wire>>(ebpf, m.ct)?;
     let mut stale = Vec::new();
     for kv in ct.iter() {
-        let (k, v) = kv.map_err(|e| rd(names::CT4, e))?;
+        let (k, v) = kv.map_err(|e| rd(m.ct, e))?;
         if k.proto == 17 && !valid.contains(&(v.rev_nat_id, v.backend_id)) {
             stale.push(k);
         }
@@ -238,10 +272,10 @@ pub fn purge_stale(ebpf: &mut Ebpf, valid: &BTreeSet<(u16, u32)>) -> Result<u64,
         }
     }
     // Sockets' remembered backends (node-originated traffic) that left their service.
-    let mut fwd = hash::<SockRevNat4Key, SockFwd4>(ebpf, names::SOCK_FWD4)?;
+    let mut fwd = hash::<F::SockKey, SockFwd<F::Wire>>(ebpf, m.sock_fwd)?;
     let mut stale = Vec::new();
     for kv in fwd.iter() {
-        let (k, v) = kv.map_err(|e| rd(names::SOCK_FWD4, e))?;
+        let (k, v) = kv.map_err(|e| rd(m.sock_fwd, e))?;
         if !valid.contains(&(v.rev_nat_id, v.backend_id)) {
             stale.push(k);
         }
@@ -252,49 +286,44 @@ pub fn purge_stale(ebpf: &mut Ebpf, valid: &BTreeSet<(u16, u32)>) -> Result<u64,
     Ok(deleted)
 }
 
-/// Read the userspace-owned maps back (after adopting pins, or after a failed write).
-pub fn read_state(ebpf: &mut Ebpf) -> Result<State4, DataplaneError> {
-    let mut st = State4::default();
+/// Read family `F`'s userspace-owned maps back (after adopting pins, or after a failed
+/// write).
+pub fn read_state<F: KernelFamily>(ebpf: &mut Ebpf) -> Result<State<F>, DataplaneError> {
+    let m = F::MAPS;
+    let mut st = State::<F>::default();
     let rd = |n: &str, e: aya::maps::MapError| other(format!("reading {n}"), e);
-    st.node_ip = aya::maps::Array::<_, Config4>::try_from(map_mut(ebpf, names::CONFIG4)?)
-        .map_err(|e| other(names::CONFIG4, e))?
+    st.node_ip = aya::maps::Array::<_, Config<F::Wire>>::try_from(map_mut(ebpf, m.config)?)
+        .map_err(|e| other(m.config, e))?
         .get(&0, 0)
-        .map_err(|e| rd(names::CONFIG4, e))?
+        .map_err(|e| rd(m.config, e))?
         .node_ip;
-    for kv in hash::<Service4Key, Service4Value>(ebpf, names::SERVICES4)?.iter() {
-        let (k, v) = kv.map_err(|e| rd(names::SERVICES4, e))?;
+    for kv in hash::<ServiceKey<F::Wire>, Service4Value>(ebpf, m.services)?.iter() {
+        let (k, v) = kv.map_err(|e| rd(m.services, e))?;
         st.services.insert(k, v);
     }
-    for kv in hash::<u32, Backend4>(ebpf, names::BACKENDS4)?.iter() {
-        let (k, v) = kv.map_err(|e| rd(names::BACKENDS4, e))?;
+    for kv in hash::<u32, Backend<F::Wire>>(ebpf, m.backends)?.iter() {
+        let (k, v) = kv.map_err(|e| rd(m.backends, e))?;
         st.backends.insert(k, v);
     }
-    for kv in hash::<u32, RevNat4>(ebpf, names::REVNAT4)?.iter() {
-        let (k, v) = kv.map_err(|e| rd(names::REVNAT4, e))?;
+    for kv in hash::<u32, RevNat<F::Wire>>(ebpf, m.rev_nat)?.iter() {
+        let (k, v) = kv.map_err(|e| rd(m.rev_nat, e))?;
         st.rev_nat.insert(k, v);
     }
-    for k in hash::<u32, u32>(ebpf, names::CLUSTER_IP4)?.keys() {
-        st.cluster_ips
-            .insert(k.map_err(|e| rd(names::CLUSTER_IP4, e))?);
+    for k in hash::<F::Wire, u32>(ebpf, m.cluster_ip)?.keys() {
+        st.cluster_ips.insert(k.map_err(|e| rd(m.cluster_ip, e))?);
     }
-    for k in trie::<SrcRange4>(ebpf, names::SRC_RANGE4)?.keys() {
-        let k = k.map_err(|e| rd(names::SRC_RANGE4, e))?;
-        let d = k.data();
-        st.src_ranges.insert((
-            k.prefix_len(),
-            SrcRange4Ord {
-                rev_nat_id: d.rev_nat_id,
-                addr: d.addr,
-            },
-        ));
+    for k in trie::<SrcRange<F::Wire>>(ebpf, m.src_range)?.keys() {
+        let k = k.map_err(|e| rd(m.src_range, e))?;
+        st.src_ranges.insert((k.prefix_len(), k.data()));
     }
     for (t, set) in [
         (Trie::ServiceCidr, &mut st.service_cidrs),
         (Trie::LocalCidr, &mut st.local_cidrs),
     ] {
-        for k in trie::<u32>(ebpf, trie_name(t))?.keys() {
-            let k = k.map_err(|e| rd(trie_name(t), e))?;
-            set.insert(Lpm4Ord {
+        let name = trie_name::<F>(t);
+        for k in trie::<F::Wire>(ebpf, name)?.keys() {
+            let k = k.map_err(|e| rd(name, e))?;
+            set.insert(Lpm {
                 prefix_len: k.prefix_len(),
                 addr: k.data(),
             });
@@ -302,6 +331,42 @@ pub fn read_state(ebpf: &mut Ebpf) -> Result<State4, DataplaneError> {
     }
     ids_from_maps(&mut st);
     Ok(st)
+}
+
+/// Plan `snap` against `state` (family `F`), write the difference, purge kernel state that
+/// names removed backends, and make the result the new base.
+fn sync_family<F: KernelFamily>(
+    ebpf: &mut Ebpf,
+    state: &mut State<F>,
+    snap: &Snapshot,
+    local: &[IpAddr],
+    outcome: &mut SyncOutcome,
+) -> Result<(), DataplaneError> {
+    let want = desired(snap, local, state).map_err(|e| other("planning", e))?;
+    let ops = diff(state, &want);
+    if let Err(e) = apply_ops::<F>(ebpf, &ops) {
+        // Re-base on what the kernel holds, so the next sync diffs correctly.
+        *state = read_state(ebpf)?;
+        return Err(e);
+    }
+    if ops
+        .iter()
+        .any(|o| matches!(o, MapOp::PutService(..) | MapOp::DelService(_)))
+    {
+        outcome.conntrack_deleted += purge_stale::<F>(ebpf, &valid_pairs(&want))?;
+    }
+    let tag = match F::FAMILY {
+        IpFamily::V4 => "4",
+        IpFamily::V6 => "6",
+    };
+    outcome
+        .rules_total
+        .push((format!("services{tag}"), want.services.len() as u64));
+    outcome
+        .rules_total
+        .push((format!("backends{tag}"), want.backends.len() as u64));
+    *state = want;
+    Ok(())
 }
 
 /// statfs(2) f_type of `dir` (nix's `statfs` needs its `fs` feature; libc is enough).
@@ -462,10 +527,11 @@ fn replace_link(link: FdLink, tmp: &Path, fin: &Path) -> Result<(), DataplaneErr
     std::fs::rename(tmp, fin).map_err(|e| io(format!("renaming {}", tmp.display()), e))
 }
 
-/// Loaded programs, adopted maps and the state last written.
+/// Loaded programs, adopted maps and the state last written (per family).
 struct Loaded {
     ebpf: Ebpf,
-    state: State4,
+    state4: State4,
+    state6: State6,
     /// ifindexes the tc program is attached to by this instance.
     attached: BTreeSet<u32>,
 }
@@ -474,7 +540,6 @@ struct Loaded {
 pub struct EbpfDataplane {
     opts: EbpfOptions,
     loaded: Option<Loaded>,
-    warned_v6: bool,
 }
 
 impl EbpfDataplane {
@@ -482,11 +547,7 @@ impl EbpfDataplane {
         if opts.pin_dir.as_os_str().is_empty() {
             return Err(other("pin_dir", "empty path"));
         }
-        Ok(EbpfDataplane {
-            opts,
-            loaded: None,
-            warned_v6: false,
-        })
+        Ok(EbpfDataplane { opts, loaded: None })
     }
 
     /// Link pins are named by ifindex: bpffs refuses names with a dot (bpf_lookup in
@@ -523,7 +584,8 @@ impl EbpfDataplane {
             ));
         }
         let mut ebpf = load_object(Some(dir))?;
-        let state = read_state(&mut ebpf)?;
+        let state4 = read_state::<V4>(&mut ebpf)?;
+        let state6 = read_state::<V6>(&mut ebpf)?;
         let cookie = netns_cookie()?;
         aya::maps::Array::<_, u64>::try_from(map_mut(&mut ebpf, names::HOST_NETNS)?)
             .map_err(|e| other(names::HOST_NETNS, e))?
@@ -560,7 +622,8 @@ impl EbpfDataplane {
         }
         let mut loaded = Loaded {
             ebpf,
-            state,
+            state4,
+            state6,
             attached: BTreeSet::new(),
         };
         self.attach_interfaces(&mut loaded)?;
@@ -637,8 +700,13 @@ impl EbpfDataplane {
     fn local_addrs() -> Result<Vec<IpAddr>, DataplaneError> {
         let mut out = BTreeSet::new();
         for a in nix::ifaddrs::getifaddrs().map_err(|e| io("getifaddrs", e.into()))? {
-            if let Some(s) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
+            let Some(addr) = a.address.as_ref() else {
+                continue;
+            };
+            if let Some(s) = addr.as_sockaddr_in() {
                 out.insert(IpAddr::V4(s.ip()));
+            } else if let Some(s) = addr.as_sockaddr_in6() {
+                out.insert(IpAddr::V6(s.ip()));
             }
         }
         Ok(out.into_iter().collect())
@@ -664,35 +732,18 @@ impl Dataplane for EbpfDataplane {
             full: true,
             ..Default::default()
         };
+        let Some(l) = self.loaded.as_mut() else {
+            return Err(other("ebpf", "not loaded"));
+        };
         for snap in request.snapshots {
-            if snap.network.family == IpFamily::V6 {
-                if !self.warned_v6 {
-                    tracing::warn!("ebpf mode does not program IPv6 yet; IPv6 services skipped");
-                    self.warned_v6 = true;
+            match snap.network.family {
+                IpFamily::V4 => {
+                    sync_family(&mut l.ebpf, &mut l.state4, snap, &local, &mut outcome)?
                 }
-                continue;
+                IpFamily::V6 => {
+                    sync_family(&mut l.ebpf, &mut l.state6, snap, &local, &mut outcome)?
+                }
             }
-            let Some(l) = self.loaded.as_mut() else {
-                return Err(other("ebpf", "not loaded"));
-            };
-            let want = desired(snap, &local, &l.state).map_err(|e| other("planning", e))?;
-            let ops = diff(&l.state, &want);
-            if let Err(e) = apply_ops(&mut l.ebpf, &ops) {
-                // Re-base on what the kernel holds, so the next sync diffs correctly.
-                l.state = read_state(&mut l.ebpf)?;
-                return Err(e);
-            }
-            if ops
-                .iter()
-                .any(|o| matches!(o, MapOp::PutService(..) | MapOp::DelService(_)))
-            {
-                outcome.conntrack_deleted += purge_stale(&mut l.ebpf, &valid_pairs(&want))?;
-            }
-            outcome.rules_total = vec![
-                ("services4".into(), want.services.len() as u64),
-                ("backends4".into(), want.backends.len() as u64),
-            ];
-            l.state = want;
         }
         Ok(outcome)
     }

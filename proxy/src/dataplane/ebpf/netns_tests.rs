@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::*;
 use crate::dataplane::{Changed, Dataplane, SyncRequest};
 use crate::model::Snapshot;
-use crate::plan::ebpf::tests::{ep, snap, svc};
+use crate::plan::ebpf::tests::{ep, snap, snap6, svc, svc6};
 
 fn sh(args: &[&str]) -> Result<String, String> {
     let out = Command::new(args[0])
@@ -63,7 +63,12 @@ impl Lab {
 }
 
 fn setup() -> Result<Lab, String> {
-    let tag = format!("shebpf{}", std::process::id() % 100_000);
+    setup_tagged("")
+}
+
+/// `suffix` keeps the namespaces, bpffs and cgroup of tests running at once apart.
+fn setup_tagged(suffix: &str) -> Result<Lab, String> {
+    let tag = format!("shebpf{}{suffix}", std::process::id() % 100_000);
     let bpffs = std::env::temp_dir().join(format!("{tag}-bpffs"));
     let lab = Lab {
         cgroup: PathBuf::from(CGROUP2).join(format!("{tag}-cg")),
@@ -320,7 +325,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     in_node(&lab, || {
         let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
         sync(&mut dp, &s);
-        let st = read_state(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
+        let st = read_state::<V4>(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
         assert_eq!(st.services.len(), 9, "adopted maps hold exactly the plan");
         // Make-before-break left exactly one shunt program per interface (the old link was
         // unpinned, which detached it).
@@ -419,4 +424,156 @@ fn tcx_count_settled(dev: &str, want: usize) -> usize {
         std::thread::sleep(Duration::from_millis(100));
     }
     n
+}
+
+/// A dual-stack TCP server on [::]:8080 answering "hello <peer address>".
+const SERVER6: &str = "import socket\ns=socket.socket(socket.AF_INET6)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('::',8080))\ns.listen(16)\ns.settimeout(30)\nwhile True:\n  c,a=s.accept()\n  c.sendall(('hello '+a[0]).encode())\n  c.close()\n";
+const UDP_SERVER6: &str = "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.bind(('::',8080))\ns.settimeout(30)\nwhile True:\n  d,a=s.recvfrom(100)\n  s.sendto(('echo '+a[0]).encode(),a)\n";
+/// One UDP exchange over IPv6 with `argv[1]`:80. With argv[2] = "connected" the socket is
+/// connected, so that an ICMPv6 error surfaces as ConnectionRefusedError.
+const UDP_CLIENT6: &str = "import socket,sys\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.settimeout(3)\ntry:\n  if len(sys.argv)>2:\n    s.connect((sys.argv[1],80))\n    s.send(b'hi')\n    d=s.recv(100)\n    print(d.decode())\n  else:\n    s.sendto(b'hi',(sys.argv[1],80))\n    d,a=s.recvfrom(100)\n    print(d.decode(),a[0])\nexcept Exception as e:\n  print(type(e).__name__)\n";
+
+fn udp6_from_node(lab: &Lab, addr: &str) -> String {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\" {addr}",
+        lab.cgroup.display(),
+        lab.ns("n")
+    );
+    sh(&["sh", "-c", &script, UDP_CLIENT6])
+        .unwrap_or_else(|e| e)
+        .trim()
+        .to_string()
+}
+
+/// IPv6 end to end: a pod reaches a v6 ClusterIP through the tc program (DNAT, reverse NAT,
+/// checksums checked by the real stack with tx offload off), an endpoint-less one answers
+/// with a TCP RST and an ICMPv6 port unreachable the client's stack accepts, and the node's
+/// own TCP and UDP go through connect6/getpeername6 and sendmsg6/recvmsg6.
+#[test]
+fn ipv6_clusterip_from_pod_and_node() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for netns, bpffs and tcx");
+        return;
+    }
+    if !std::path::Path::new(CGROUP2).join("cgroup.procs").exists() {
+        eprintln!("skipped: no cgroup v2 at {CGROUP2}");
+        return;
+    }
+    for tool in ["ip", "ethtool", "python3", "mount"] {
+        if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+            eprintln!("skipped: {tool} missing");
+            return;
+        }
+    }
+    let mut lab = setup_tagged("v6").unwrap_or_else(|e| panic!("lab setup: {e}"));
+    // IPv6 beside the IPv4 the lab already has; nodad: usable at once.
+    for (ns, dev, addr) in [
+        ("n", "toc", "fd01:1::1/64"),
+        ("n", "tob", "fd01:2::1/64"),
+        ("c", "eth0", "fd01:1::9/64"),
+        ("b", "eth0", "fd01:2::2/64"),
+    ] {
+        lab.exec(ns, &["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"])
+            .unwrap();
+    }
+    lab.exec(
+        "c",
+        &["ip", "-6", "route", "add", "default", "via", "fd01:1::1"],
+    )
+    .unwrap();
+    lab.exec(
+        "b",
+        &["ip", "-6", "route", "add", "default", "via", "fd01:2::1"],
+    )
+    .unwrap();
+    lab.exec("n", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        .unwrap();
+    let b = lab.ns("b");
+    for prog in [SERVER6, UDP_SERVER6] {
+        lab.servers.push(
+            Command::new("ip")
+                .args(["netns", "exec", &b, "python3", "-c", prog])
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("server"),
+        );
+    }
+    for _ in 0..50 {
+        if lab
+            .exec("b", &["ss", "-Hltun", "sport = :8080"])
+            .is_ok_and(|o| o.lines().count() >= 2)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let opts = EbpfOptions {
+        cgroup_root: lab.cgroup.clone(),
+        pin_dir: lab.bpffs.join("shunt"),
+        interfaces: Interfaces::All,
+    };
+    let mut dns = svc6("dns", "fd00:172:30::12", vec![ep("fd01:2::2", false)]);
+    dns.port.name.protocol = crate::model::Protocol::Udp;
+    let mut none_udp = svc6("none-udp", "fd00:172:30::14", vec![]);
+    none_udp.port.name.protocol = crate::model::Protocol::Udp;
+    let mut s = snap6(vec![
+        svc6("web", "fd00:172:30::10", vec![ep("fd01:2::2", false)]),
+        svc6("empty", "fd00:172:30::11", vec![]),
+        dns,
+        none_udp,
+    ]);
+    s.network.primary_ip = Some("fd01:1::1".parse().unwrap());
+    s.network.local_detector =
+        crate::model::LocalDetector::ClusterCidr(vec!["fd01::/16".parse().unwrap()]);
+
+    assert_ne!(
+        connect(&lab, "fd00:172:30::10"),
+        "hello fd01:1::9",
+        "nothing answers before shunt"
+    );
+    in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        sync(&mut dp, &s);
+    });
+    assert_eq!(connect(&lab, "fd00:172:30::10"), "hello fd01:1::9");
+    assert_eq!(
+        connect(&lab, "fd00:172:30::11"),
+        "ConnectionRefusedError",
+        "RST from the program"
+    );
+    assert_eq!(
+        lab.exec(
+            "c",
+            &["python3", "-c", UDP_CLIENT6, "fd00:172:30::14", "connected"]
+        )
+        .unwrap_or_else(|e| e)
+        .trim(),
+        "ConnectionRefusedError",
+        "ICMPv6 port unreachable from the program"
+    );
+    assert_eq!(
+        lab.exec("c", &["python3", "-c", UDP_CLIENT6, "fd00:172:30::12"])
+            .unwrap_or_else(|e| e)
+            .trim(),
+        "echo fd01:1::9 fd00:172:30::12"
+    );
+    // The node's own sockets: connect6 picks the backend, getpeername6 shows the ClusterIP;
+    // sendmsg6 / recvmsg6 for unconnected UDP.
+    assert_eq!(
+        connect_from_node(&lab, "fd00:172:30::10"),
+        "hello fd01:2::1 fd00:172:30::10"
+    );
+    assert_eq!(
+        connect_from_node(&lab, "fd00:172:30::11"),
+        "ConnectionRefusedError"
+    );
+    assert_eq!(
+        udp6_from_node(&lab, "fd00:172:30::12"),
+        "echo fd01:2::1 fd00:172:30::12"
+    );
+    in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        dp.cleanup().unwrap();
+    });
+    assert!(!opts.pin_dir.exists());
 }

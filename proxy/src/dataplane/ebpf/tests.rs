@@ -10,7 +10,8 @@ use shunt_abi::{Ct4Key, Ct4Value, ct_dir, names};
 
 use super::*;
 use crate::model::Snapshot;
-use crate::plan::ebpf::tests::{ep, ip, snap, svc};
+use crate::plan::ebpf::tests::{ep, ip, snap, snap6, svc, svc6};
+use crate::plan::ebpf::{State6, V4, V6};
 
 const TCX_NEXT: u32 = -1i32 as u32;
 const TCX_DROP: u32 = 2;
@@ -38,7 +39,7 @@ fn setup(s: &Snapshot) -> Ebpf {
     let mut s = s.clone();
     s.network.primary_ip = None;
     let st = desired(&s, &[], &State4::default()).expect("plan");
-    apply_ops(&mut ebpf, &diff(&State4::default(), &st)).expect("apply");
+    apply_ops::<V4>(&mut ebpf, &diff(&State4::default(), &st)).expect("apply");
     ebpf
 }
 
@@ -72,10 +73,30 @@ const UDP: u8 = 17;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
+const PAYLOAD: &[u8] = b"hello";
+
+/// A TCP (20 bytes, seq 1000, ack 5000 with ACK) or UDP header followed by `PAYLOAD`,
+/// checksum left 0, filling `l4` exactly.
+fn fill_l4(l4: &mut [u8], proto: u8, sport: u16, dport: u16, flags: u8) {
+    let len = l4.len();
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == TCP {
+        l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        l4[8..12].copy_from_slice(&if flags & ACK != 0 { 5000u32 } else { 0 }.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = flags;
+        l4[14..16].copy_from_slice(&1024u16.to_be_bytes());
+        l4[20..].copy_from_slice(PAYLOAD);
+    } else {
+        l4[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        l4[8..].copy_from_slice(PAYLOAD);
+    }
+}
+
 /// Ethernet + IPv4 (no options) + TCP (20 bytes) or UDP, with correct checksums.
 fn packet(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
-    let payload = b"hello";
-    let l4_len = if proto == TCP { 20 } else { 8 } + payload.len();
+    let l4_len = if proto == TCP { 20 } else { 8 } + PAYLOAD.len();
     let mut p = vec![0u8; 14 + 20 + l4_len];
     p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
     p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
@@ -89,20 +110,7 @@ fn packet(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: 
     ip[16..20].copy_from_slice(&dst);
     let c = fold(sum(ip, 0));
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let l4 = &mut p[34..];
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    if proto == TCP {
-        l4[4..8].copy_from_slice(&1000u32.to_be_bytes());
-        l4[8..12].copy_from_slice(&if flags & ACK != 0 { 5000u32 } else { 0 }.to_be_bytes());
-        l4[12] = 5 << 4;
-        l4[13] = flags;
-        l4[14..16].copy_from_slice(&1024u16.to_be_bytes());
-        l4[20..].copy_from_slice(payload);
-    } else {
-        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        l4[8..].copy_from_slice(payload);
-    }
+    fill_l4(&mut p[34..], proto, sport, dport, flags);
     let csum = l4_csum(&p);
     let off = 34 + if proto == TCP { 16 } else { 6 };
     let csum = if proto == UDP && csum == 0 {
@@ -437,7 +445,7 @@ fn established_flow_keeps_backend_until_it_is_removed() {
     first.network.primary_ip = None;
     let mut ebpf = load_object(None).unwrap();
     let st1 = desired(&first, &[], &State4::default()).unwrap();
-    apply_ops(&mut ebpf, &diff(&State4::default(), &st1)).unwrap();
+    apply_ops::<V4>(&mut ebpf, &diff(&State4::default(), &st1)).unwrap();
     let syn = packet(TCP, CLIENT, 40000, VIP, 80, SYN);
     assert_eq!(daddr(&run(&mut ebpf, &syn).1), [10, 1, 0, 1]);
 
@@ -449,7 +457,7 @@ fn established_flow_keeps_backend_until_it_is_removed() {
     )]);
     second.network.primary_ip = None;
     let st2 = desired(&second, &[], &st1).unwrap();
-    apply_ops(&mut ebpf, &diff(&st1, &st2)).unwrap();
+    apply_ops::<V4>(&mut ebpf, &diff(&st1, &st2)).unwrap();
     let ack = packet(TCP, CLIENT, 40000, VIP, 80, ACK);
     for _ in 0..16 {
         assert_eq!(daddr(&run(&mut ebpf, &ack).1), [10, 1, 0, 1]);
@@ -458,8 +466,12 @@ fn established_flow_keeps_backend_until_it_is_removed() {
     let mut third = snap(vec![svc("a", "172.30.0.10", vec![ep("10.1.0.2", false)])]);
     third.network.primary_ip = None;
     let st3 = desired(&third, &[], &st2).unwrap();
-    apply_ops(&mut ebpf, &diff(&st2, &st3)).unwrap();
-    assert_eq!(read_state(&mut ebpf).unwrap(), st3, "kernel maps == plan");
+    apply_ops::<V4>(&mut ebpf, &diff(&st2, &st3)).unwrap();
+    assert_eq!(
+        read_state::<V4>(&mut ebpf).unwrap(),
+        st3,
+        "kernel maps == plan"
+    );
     let (rc, out) = run(&mut ebpf, &ack);
     assert_eq!(rc, TCX_NEXT);
     assert_eq!(daddr(&out), [10, 1, 0, 2]);
@@ -479,12 +491,12 @@ fn removed_endpoint_loses_udp_flows_and_affinity() {
     first.network.primary_ip = None;
     let mut ebpf = load_object(None).unwrap();
     let st1 = desired(&first, &[], &State4::default()).unwrap();
-    apply_ops(&mut ebpf, &diff(&State4::default(), &st1)).unwrap();
+    apply_ops::<V4>(&mut ebpf, &diff(&State4::default(), &st1)).unwrap();
     let (rc, out) = run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
     assert_eq!(rc, TCX_NEXT);
     let chosen = daddr(&out);
     // Nothing stale while both endpoints exist.
-    assert_eq!(purge_stale(&mut ebpf, &valid_pairs(&st1)).unwrap(), 0);
+    assert_eq!(purge_stale::<V4>(&mut ebpf, &valid_pairs(&st1)).unwrap(), 0);
 
     // The chosen endpoint leaves the service.
     let keep = if chosen == [10, 1, 0, 1] {
@@ -497,9 +509,9 @@ fn removed_endpoint_loses_udp_flows_and_affinity() {
     let mut second = snap(vec![u]);
     second.network.primary_ip = None;
     let st2 = desired(&second, &[], &st1).unwrap();
-    apply_ops(&mut ebpf, &diff(&st1, &st2)).unwrap();
+    apply_ops::<V4>(&mut ebpf, &diff(&st1, &st2)).unwrap();
     assert_eq!(
-        purge_stale(&mut ebpf, &valid_pairs(&st2)).unwrap(),
+        purge_stale::<V4>(&mut ebpf, &valid_pairs(&st2)).unwrap(),
         2,
         "both directions"
     );
@@ -571,4 +583,246 @@ fn node_traffic_on_loopback_uses_cluster_endpoints_and_returns_via_lo() {
     assert_eq!((daddr(&out), dport(&out)), (NODE, 40000));
     assert_eq!(&out[..12], &[0u8; 12]);
     assert_checksums(&out);
+}
+
+// ---- IPv6 ----
+
+const CLIENT6: &str = "fd00:10::9";
+const OUTSIDE6: &str = "2001:db8:ff::1";
+const VIP6: &str = "fd00:172:30::10";
+const BE6: &str = "fd00:10:180::1";
+
+fn a6(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+}
+
+/// Load privately and write the IPv6 plan for `s` (no node IP: see `setup`).
+fn setup6(s: &Snapshot) -> Ebpf {
+    let mut ebpf = load_object(None).expect("load + verify");
+    let mut s = s.clone();
+    s.network.primary_ip = None;
+    let st = desired(&s, &[], &State6::default()).expect("plan");
+    apply_ops::<V6>(&mut ebpf, &diff(&State6::default(), &st)).expect("apply");
+    ebpf
+}
+
+/// Ethernet + IPv6 + TCP (20 bytes) or UDP, payload "hello", correct checksum.
+fn packet6(proto: u8, src: &str, sport: u16, dst: &str, dport: u16, flags: u8) -> Vec<u8> {
+    let l4_len = if proto == TCP { 20 } else { 8 } + PAYLOAD.len();
+    let mut p = vec![0u8; 14 + 40 + l4_len];
+    p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    p[14] = 0x60;
+    p[18..20].copy_from_slice(&(l4_len as u16).to_be_bytes());
+    p[20] = proto;
+    p[21] = 64;
+    p[22..38].copy_from_slice(&a6(src));
+    p[38..54].copy_from_slice(&a6(dst));
+    fill_l4(&mut p[54..], proto, sport, dport, flags);
+    let c = l4_csum6(&p);
+    let off = csum_off6(p[20]);
+    p[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn csum_off6(proto: u8) -> usize {
+    54 + match proto {
+        TCP => 16,
+        UDP => 6,
+        _ => 2, // ICMPv6
+    }
+}
+
+/// The L4 (TCP, UDP, ICMPv6) checksum of an IPv6 packet from scratch, over the RFC 8200
+/// pseudo-header; UDP's computed 0 is sent as 0xffff.
+fn l4_csum6(p: &[u8]) -> u16 {
+    let len = usize::from(u16::from_be_bytes([p[18], p[19]]));
+    let mut l4 = p[54..54 + len].to_vec();
+    let off = csum_off6(p[20]) - 54;
+    l4[off] = 0;
+    l4[off + 1] = 0;
+    let acc = sum(&p[22..54], 0) + u32::from(p[20]) + len as u32;
+    let c = fold(sum(&l4, acc));
+    if p[20] == UDP && c == 0 { 0xffff } else { c }
+}
+
+fn assert_checksums6(p: &[u8]) {
+    let off = csum_off6(p[20]);
+    let have = u16::from_be_bytes([p[off], p[off + 1]]);
+    assert_eq!(
+        have,
+        l4_csum6(p),
+        "L4 checksum (next header {}) of {p:02x?}",
+        p[20]
+    );
+}
+
+fn saddr6(p: &[u8]) -> std::net::Ipv6Addr {
+    <[u8; 16]>::try_from(&p[22..38]).unwrap().into()
+}
+fn daddr6(p: &[u8]) -> std::net::Ipv6Addr {
+    <[u8; 16]>::try_from(&p[38..54]).unwrap().into()
+}
+fn ports6(p: &[u8]) -> (u16, u16) {
+    (
+        u16::from_be_bytes([p[54], p[55]]),
+        u16::from_be_bytes([p[56], p[57]]),
+    )
+}
+fn v6(s: &str) -> std::net::Ipv6Addr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn ipv6_tcp_dnat_reverse_nat_and_checksums() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup6(&snap6(vec![svc6("a", VIP6, vec![ep(BE6, false)])]));
+    let syn = packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN);
+    let (rc, out) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr6(&out), ports6(&out).1), (v6(BE6), 8080));
+    assert_eq!((saddr6(&out), ports6(&out).0), (v6(CLIENT6), 40000));
+    assert_eq!(&out[74..], b"hello");
+    assert_checksums6(&out);
+    let ct: HashMap<_, shunt_abi::Ct6Key, shunt_abi::Ct6Value> =
+        HashMap::try_from(ebpf.map(names::CT6).unwrap()).unwrap();
+    assert_eq!(ct.keys().count(), 2, "FORWARD and REPLY entries");
+    let ct4: HashMap<_, Ct4Key, Ct4Value> =
+        HashMap::try_from(ebpf.map(names::CT4).unwrap()).unwrap();
+    assert_eq!(ct4.keys().count(), 0, "nothing in the IPv4 table");
+
+    let reply = packet6(TCP, BE6, 8080, CLIENT6, 40000, SYN | ACK);
+    let (rc, out) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr6(&out), ports6(&out).0), (v6(VIP6), 80));
+    assert_eq!((daddr6(&out), ports6(&out).1), (v6(CLIENT6), 40000));
+    assert_checksums6(&out);
+
+    let ack = packet6(TCP, CLIENT6, 40000, VIP6, 80, ACK);
+    let (rc, out) = run(&mut ebpf, &ack);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr6(&out), v6(BE6));
+    assert_checksums6(&out);
+
+    // UDP too; its checksum is mandatory over IPv6 and must stay right.
+    let mut u = svc6("u", VIP6, vec![ep(BE6, false)]);
+    u.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup6(&snap6(vec![u]));
+    let (rc, out) = run(&mut ebpf, &packet6(UDP, CLIENT6, 5353, VIP6, 80, 0));
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr6(&out), ports6(&out).1), (v6(BE6), 8080));
+    assert_checksums6(&out);
+
+    // Unrelated IPv6 traffic passes untouched.
+    let other = packet6(TCP, CLIENT6, 40001, "fd00:10::7", 80, SYN);
+    assert_eq!(run(&mut ebpf, &other), (TCX_NEXT, other));
+}
+
+#[test]
+fn ipv6_reject_builds_rst_and_icmpv6_port_unreachable() {
+    if !root() {
+        return;
+    }
+    let mut u = svc6("u", "fd00:172:30::11", vec![]);
+    u.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup6(&snap6(vec![svc6("a", VIP6, vec![]), u]));
+    let syn = packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN);
+    let (rc, out) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_REDIRECT);
+    assert_eq!(out.len(), 14 + 40 + 20);
+    assert_eq!(&out[0..6], &syn[6..12], "MACs swapped");
+    assert_eq!(&out[12..14], &[0x86, 0xdd]);
+    assert_eq!((out[14] >> 4, out[20], out[21]), (6, TCP, 64));
+    assert_eq!(u16::from_be_bytes([out[18], out[19]]), 20, "payload length");
+    assert_eq!((saddr6(&out), daddr6(&out)), (v6(VIP6), v6(CLIENT6)));
+    assert_eq!(ports6(&out), (80, 40000));
+    assert_eq!(out[67], 0x14, "RST|ACK");
+    assert_eq!(
+        u32::from_be_bytes(out[62..66].try_into().unwrap()),
+        1000 + 5 + 1,
+        "ack = seq + payload + SYN"
+    );
+    assert_checksums6(&out);
+    // A ClusterIP's unknown port: rejected as well.
+    let wrong = packet6(TCP, CLIENT6, 40002, VIP6, 81, SYN);
+    assert_eq!(run(&mut ebpf, &wrong).0, TCX_REDIRECT);
+
+    let p = packet6(UDP, CLIENT6, 5353, "fd00:172:30::11", 80, 0);
+    let (rc, out) = run(&mut ebpf, &p);
+    assert_eq!(rc, TCX_REDIRECT);
+    assert_eq!(out.len(), 14 + 40 + 8 + 48);
+    assert_eq!(out[20], 58, "ICMPv6");
+    assert_eq!(
+        (saddr6(&out), daddr6(&out)),
+        (v6("fd00:172:30::11"), v6(CLIENT6))
+    );
+    assert_eq!((out[54], out[55]), (1, 4), "unreachable / port unreachable");
+    assert_eq!(&out[62..110], &p[14..62], "quotes the header + 8 bytes");
+    assert_checksums6(&out);
+
+    // An unallocated address of the service CIDR is dropped; outside it, not ours.
+    let un = packet6(TCP, CLIENT6, 40000, "fd00:172:30::99", 80, SYN);
+    assert_eq!(run(&mut ebpf, &un).0, TCX_DROP);
+    let out = packet6(TCP, CLIENT6, 40000, "fd00:172:31::99", 80, SYN);
+    assert_eq!(run(&mut ebpf, &out).0, TCX_NEXT);
+}
+
+#[test]
+fn ipv6_source_ranges_local_policy_and_affinity() {
+    if !root() {
+        return;
+    }
+    let mut s = svc6("lb", "fd00:172:30::13", vec![ep(BE6, false)]);
+    s.port.node_port = Some(3001);
+    s.port.load_balancer_ips = vec![ip("2001:db8:5::4")];
+    s.port.load_balancer_source_ranges = vec!["2001:db8:ff::/48".parse().unwrap()];
+    s.port.external_policy_local = true;
+    let mut ebpf = setup6(&snap6(vec![s.clone()]));
+    // eTP=Local without a local endpoint: outside clients dropped at the NodePort, pods
+    // (fd00:10::/64) sent to the cluster-wide endpoints.
+    let np = packet6(TCP, OUTSIDE6, 40000, "2001:db8::1", 3001, SYN);
+    assert_eq!(run(&mut ebpf, &np).0, TCX_DROP);
+    let (rc, out) = run(
+        &mut ebpf,
+        &packet6(TCP, CLIENT6, 40000, "2001:db8::1", 3001, SYN),
+    );
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr6(&out), v6(BE6));
+    assert_checksums6(&out);
+
+    // eTP=Cluster: the LB IP admits the range (LPM on 128-bit addresses), drops the rest.
+    s.port.external_policy_local = false;
+    let mut ebpf = setup6(&snap6(vec![s]));
+    let (rc, out) = run(
+        &mut ebpf,
+        &packet6(TCP, OUTSIDE6, 40000, "2001:db8:5::4", 80, SYN),
+    );
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr6(&out), ports6(&out).1), (v6(BE6), 8080));
+    assert_checksums6(&out);
+    let no = packet6(TCP, "2001:db8:fe::1", 40000, "2001:db8:5::4", 80, SYN);
+    assert_eq!(run(&mut ebpf, &no).0, TCX_DROP);
+
+    // ClientIP affinity sticks per client.
+    let two = vec![ep(BE6, false), ep("fd00:10:180::2", false)];
+    let mut a = svc6("a", VIP6, two.clone());
+    let mut ebpf = setup6(&snap6(vec![a.clone()]));
+    let seen = |ebpf: &mut Ebpf, n: u16| -> BTreeSet<std::net::Ipv6Addr> {
+        (0..n)
+            .map(|i| {
+                let (rc, out) = run(ebpf, &packet6(TCP, CLIENT6, 30000 + i, VIP6, 80, SYN));
+                assert_eq!(rc, TCX_NEXT);
+                assert_checksums6(&out);
+                daddr6(&out)
+            })
+            .collect()
+    };
+    // 64 connections on one of two backends by chance: p = 2^-63.
+    assert_eq!(seen(&mut ebpf, 64).len(), 2);
+    a.port.affinity_timeout_seconds = Some(10800);
+    let mut ebpf = setup6(&snap6(vec![a]));
+    assert_eq!(seen(&mut ebpf, 64).len(), 1);
 }

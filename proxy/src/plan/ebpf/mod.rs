@@ -1,5 +1,7 @@
 //! PURE: one family's [`Snapshot`] -> the content of shunt's BPF maps, and the ordered map
-//! operations that move the kernel from a previous content to it.
+//! operations that move the kernel from a previous content to it. Written once, generic
+//! over [`Family`] ([`V4`], [`V6`]): the two families' maps have the same shapes
+//! (`shunt_abi`, `u32` or `[u32; 4]` addresses) and kube-proxy's rules do not depend on it.
 //!
 //! Layout (see `shunt_abi`): per frontend (address, port, protocol, scope) a slot-0 entry with
 //! the backend count, a reverse-NAT id and flags, then slots 1..=count each naming a backend
@@ -22,21 +24,107 @@
 //! - loadBalancerSourceRanges filter LoadBalancer IP traffic only;
 //! - ClusterIPs with an unknown port are rejected, other service-CIDR addresses dropped.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use shunt_abi::{
-    Backend4, Config4, Lpm4, RevNat4, Service4Key, Service4Value, SrcRange4, addr4, limits, port,
-    scope, svc_flags,
+    Backend, Config, Lpm, RevNat, Service4Value, ServiceKey, SrcRange, addr4, addr6, limits, names,
+    port, scope, svc_flags,
 };
 
 use crate::model::{Endpoint, IpFamily, LocalDetector, NodePortIps, ServicePortState, Snapshot};
 
+/// One IP family: its addresses in userspace (`Ip`) and on the wire / in the maps (`Wire`).
+pub trait Family: Clone + Copy + Debug + Default + PartialEq + Eq + 'static {
+    type Ip: Copy + Ord + Debug + Hash;
+    type Wire: shunt_abi::Wire;
+    const FAMILY: IpFamily;
+    /// Address bits (the LPM prefix length of one address).
+    const BITS: u32;
+    /// The family's pinned maps.
+    const MAPS: names::Family;
+    fn ip(a: &IpAddr) -> Option<Self::Ip>;
+    /// A CIDR of this family: (network address, prefix length).
+    fn net(n: &IpNet) -> Option<(Self::Ip, u8)>;
+    fn wire(a: Self::Ip) -> Self::Wire;
+    fn from_wire(w: Self::Wire) -> Self::Ip;
+    fn is_loopback(a: &Self::Ip) -> bool;
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V4;
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V6;
+
+impl Family for V4 {
+    type Ip = Ipv4Addr;
+    type Wire = u32;
+    const FAMILY: IpFamily = IpFamily::V4;
+    const BITS: u32 = 32;
+    const MAPS: names::Family = names::V4;
+    fn ip(a: &IpAddr) -> Option<Ipv4Addr> {
+        match a {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn net(n: &IpNet) -> Option<(Ipv4Addr, u8)> {
+        match n {
+            IpNet::V4(n) => Some((n.network(), n.prefix_len())),
+            IpNet::V6(_) => None,
+        }
+    }
+    fn wire(a: Ipv4Addr) -> u32 {
+        addr4(a.octets())
+    }
+    fn from_wire(w: u32) -> Ipv4Addr {
+        Ipv4Addr::from(w.to_ne_bytes())
+    }
+    fn is_loopback(a: &Ipv4Addr) -> bool {
+        a.is_loopback()
+    }
+}
+
+impl Family for V6 {
+    type Ip = Ipv6Addr;
+    type Wire = [u32; 4];
+    const FAMILY: IpFamily = IpFamily::V6;
+    const BITS: u32 = 128;
+    const MAPS: names::Family = names::V6;
+    fn ip(a: &IpAddr) -> Option<Ipv6Addr> {
+        match a {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn net(n: &IpNet) -> Option<(Ipv6Addr, u8)> {
+        match n {
+            IpNet::V6(n) => Some((n.network(), n.prefix_len())),
+            IpNet::V4(_) => None,
+        }
+    }
+    fn wire(a: Ipv6Addr) -> [u32; 4] {
+        addr6(a.octets())
+    }
+    fn from_wire(w: [u32; 4]) -> Ipv6Addr {
+        let mut o = [0u8; 16];
+        for (i, word) in w.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        Ipv6Addr::from(o)
+    }
+    fn is_loopback(a: &Ipv6Addr) -> bool {
+        a.is_loopback()
+    }
+}
+
 /// Why a snapshot cannot be planned.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("ebpf mode programs IPv4 only so far; got an IPv6 snapshot")]
-    Ipv6,
+    #[error("snapshot of family {got:?} given to the {want:?} plan")]
+    WrongFamily { want: IpFamily, got: IpFamily },
     #[error("service {service}: more than {max} endpoints in one frontend")]
     TooManyEndpoints { service: String, max: usize },
     #[error("map {map} would need {need} entries, its size is {max}")]
@@ -49,61 +137,31 @@ pub enum PlanError {
     IdsExhausted { what: &'static str },
 }
 
-/// The identity of a backend: address, port (host order) and protocol number.
-pub type BackendAddr = (Ipv4Addr, u16, u8);
-/// The identity of a frontend: address, port (host order) and protocol number.
-pub type FrontendAddr = (Ipv4Addr, u16, u8);
+/// The identity of a backend or a frontend: address, port (host order), protocol number.
+pub type L4Addr<F> = (<F as Family>::Ip, u16, u8);
 
-/// The full content of the maps userspace owns (conntrack and affinity belong to the kernel
-/// program), plus the id allocations that must stay stable between syncs.
+/// The full content of the maps userspace owns for one family (conntrack and affinity
+/// belong to the kernel program), plus the id allocations that must stay stable between
+/// syncs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct State4 {
-    pub services: BTreeMap<Service4Key, Service4Value>,
-    pub backends: BTreeMap<u32, Backend4>,
-    pub rev_nat: BTreeMap<u32, RevNat4>,
-    /// LPM keys of the `SHUNT_SRCR4` trie: (prefix length, data).
-    pub src_ranges: BTreeSet<(u32, SrcRange4Ord)>,
-    pub cluster_ips: BTreeSet<u32>,
-    pub service_cidrs: BTreeSet<Lpm4Ord>,
-    pub local_cidrs: BTreeSet<Lpm4Ord>,
-    /// Masquerade source (primary node IPv4, wire order); 0 = none known, no masquerading.
-    pub node_ip: u32,
-    pub backend_ids: BTreeMap<BackendAddr, u32>,
-    pub rev_nat_ids: BTreeMap<FrontendAddr, u32>,
+pub struct State<F: Family> {
+    pub services: BTreeMap<ServiceKey<F::Wire>, Service4Value>,
+    pub backends: BTreeMap<u32, Backend<F::Wire>>,
+    pub rev_nat: BTreeMap<u32, RevNat<F::Wire>>,
+    /// LPM keys of the source-range trie: (prefix length, data).
+    pub src_ranges: BTreeSet<(u32, SrcRange<F::Wire>)>,
+    pub cluster_ips: BTreeSet<F::Wire>,
+    pub service_cidrs: BTreeSet<Lpm<F::Wire>>,
+    pub local_cidrs: BTreeSet<Lpm<F::Wire>>,
+    /// Masquerade source (primary node IP of the family, wire order); 0 = none known, no
+    /// masquerading.
+    pub node_ip: F::Wire,
+    pub backend_ids: BTreeMap<L4Addr<F>, u32>,
+    pub rev_nat_ids: BTreeMap<L4Addr<F>, u32>,
 }
 
-/// `SrcRange4` with an order (for sets); fields as in the ABI.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SrcRange4Ord {
-    pub rev_nat_id: u16,
-    pub addr: u32,
-}
-
-impl SrcRange4Ord {
-    pub fn abi(self) -> SrcRange4 {
-        SrcRange4 {
-            rev_nat_id: self.rev_nat_id,
-            pad: 0,
-            addr: self.addr,
-        }
-    }
-}
-
-/// `Lpm4` with an order (for sets).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Lpm4Ord {
-    pub prefix_len: u32,
-    pub addr: u32,
-}
-
-impl Lpm4Ord {
-    pub fn abi(self) -> Lpm4 {
-        Lpm4 {
-            prefix_len: self.prefix_len,
-            addr: self.addr,
-        }
-    }
-}
+pub type State4 = State<V4>;
+pub type State6 = State<V6>;
 
 /// Which LPM trie an [`MapOp::PutLpm`]/[`MapOp::DelLpm`] addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,110 +170,124 @@ pub enum Trie {
     LocalCidr,
 }
 
-/// One map write, in the order it must be applied.
+/// One map write, in the order it must be applied (`W`: the family's wire address).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum MapOp {
-    /// Node-wide settings (`SHUNT_CFG4[0]`): the masquerade address.
-    SetConfig(Config4),
-    PutBackend(u32, Backend4),
-    PutRevNat(u32, RevNat4),
-    PutSrcRange(u32, SrcRange4Ord),
-    PutClusterIp(u32),
-    PutLpm(Trie, Lpm4Ord),
-    PutService(Service4Key, Service4Value),
-    DelService(Service4Key),
-    DelSrcRange(u32, SrcRange4Ord),
-    DelClusterIp(u32),
-    DelLpm(Trie, Lpm4Ord),
+pub enum MapOp<W> {
+    /// Node-wide settings (the family's config array, entry 0): the masquerade address.
+    SetConfig(Config<W>),
+    PutBackend(u32, Backend<W>),
+    PutRevNat(u32, RevNat<W>),
+    PutSrcRange(u32, SrcRange<W>),
+    PutClusterIp(W),
+    PutLpm(Trie, Lpm<W>),
+    PutService(ServiceKey<W>, Service4Value),
+    DelService(ServiceKey<W>),
+    DelSrcRange(u32, SrcRange<W>),
+    DelClusterIp(W),
+    DelLpm(Trie, Lpm<W>),
     DelRevNat(u32),
     DelBackend(u32),
 }
 
-fn v4(ip: &IpAddr) -> Option<Ipv4Addr> {
-    match ip {
-        IpAddr::V4(a) => Some(*a),
-        IpAddr::V6(_) => None,
-    }
+fn lpm<F: Family>(net: &IpNet) -> Option<Lpm<F::Wire>> {
+    F::net(net).map(|(a, len)| Lpm {
+        prefix_len: u32::from(len),
+        addr: F::wire(a),
+    })
 }
 
-fn lpm(net: &IpNet) -> Option<Lpm4Ord> {
-    match net {
-        IpNet::V4(n) => Some(Lpm4Ord {
-            prefix_len: u32::from(n.prefix_len()),
-            addr: addr4(n.network().octets()),
-        }),
-        IpNet::V6(_) => None,
-    }
+/// Hands out the lowest ids >= 1 not in use (0 is reserved: "no id"), in increasing order.
+/// The cursor only moves forward, so allocating n ids among m kept ones costs
+/// O((n + m) log m), not a rescan from 1 per id (quadratic: at 100,000 backends that scan
+/// was most of a cold sync).
+struct Ids {
+    used: BTreeSet<u32>,
+    next: u32,
+    max: u32,
+    what: &'static str,
 }
 
-/// Lowest id >= 1 not in `used` (0 is reserved: "no id").
-fn alloc(used: &BTreeSet<u32>, max: u32, what: &'static str) -> Result<u32, PlanError> {
-    let mut want = 1;
-    for &u in used.range(1..) {
-        if u != want {
-            break;
+impl Ids {
+    fn new(used: BTreeSet<u32>, max: u32, what: &'static str) -> Ids {
+        Ids {
+            used,
+            next: 1,
+            max,
+            what,
         }
-        want += 1;
     }
-    if want > max {
-        return Err(PlanError::IdsExhausted { what });
+
+    fn take(&mut self) -> Result<u32, PlanError> {
+        while self.used.contains(&self.next) {
+            self.next += 1;
+        }
+        if self.next > self.max {
+            return Err(PlanError::IdsExhausted { what: self.what });
+        }
+        let id = self.next;
+        self.used.insert(id);
+        self.next += 1;
+        Ok(id)
     }
-    Ok(want)
 }
 
-/// Compute the desired map content for `snap`. `prev` provides the id allocations to keep
-/// (backend and reverse-NAT ids of things that still exist keep their ids, so conntrack and
-/// affinity entries referring to them stay valid). `local_addrs` are the node's addresses,
-/// used when `--nodeport-addresses` selects every local address; loopback addresses never
-/// accept NodePorts (kube-proxy's nftables mode does not support localhost NodePorts).
-pub fn desired(
+/// Compute the desired map content for `snap` (of family `F`). `prev` provides the id
+/// allocations to keep (backend and reverse-NAT ids of things that still exist keep their
+/// ids, so conntrack and affinity entries referring to them stay valid). `local_addrs` are
+/// the node's addresses (both families; only `F`'s are used), used when
+/// `--nodeport-addresses` selects every local address; loopback addresses never accept
+/// NodePorts (kube-proxy's nftables mode does not support localhost NodePorts).
+pub fn desired<F: Family>(
     snap: &Snapshot,
     local_addrs: &[IpAddr],
-    prev: &State4,
-) -> Result<State4, PlanError> {
-    if snap.network.family == IpFamily::V6 {
-        return Err(PlanError::Ipv6);
+    prev: &State<F>,
+) -> Result<State<F>, PlanError> {
+    if snap.network.family != F::FAMILY {
+        return Err(PlanError::WrongFamily {
+            want: F::FAMILY,
+            got: snap.network.family,
+        });
     }
-    let mut st = State4 {
+    let mut st = State::<F> {
         node_ip: snap
             .network
             .primary_ip
             .as_ref()
-            .and_then(v4)
-            .map_or(0, |a| addr4(a.octets())),
+            .and_then(F::ip)
+            .map_or(F::Wire::default(), F::wire),
         ..Default::default()
     };
     for c in &snap.network.service_cidrs {
-        st.service_cidrs.extend(lpm(c));
+        st.service_cidrs.extend(lpm::<F>(c));
     }
     if let LocalDetector::ClusterCidr(cidrs) = &snap.network.local_detector {
         for c in cidrs {
-            st.local_cidrs.extend(lpm(c));
+            st.local_cidrs.extend(lpm::<F>(c));
         }
     }
     let candidates: &[IpAddr] = match &snap.network.node_port_ips {
         NodePortIps::AllLocal => local_addrs,
         NodePortIps::Addresses(a) => a,
     };
-    let node_port_ips: Vec<Ipv4Addr> = candidates
+    let node_port_ips: Vec<F::Ip> = candidates
         .iter()
-        .filter_map(v4)
-        .filter(|a| !a.is_loopback())
+        .filter_map(F::ip)
+        .filter(|a| !F::is_loopback(a))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
 
     // Ids: keep the previous ones for what still exists, allocate the rest afterwards.
-    let mut backend_want: BTreeSet<BackendAddr> = BTreeSet::new();
-    let mut frontend_want: BTreeSet<FrontendAddr> = BTreeSet::new();
+    let mut backend_want: BTreeSet<L4Addr<F>> = BTreeSet::new();
+    let mut frontend_want: BTreeSet<L4Addr<F>> = BTreeSet::new();
     for sps in snap.services.values() {
         let proto = sps.port.name.protocol.number();
         for e in sps.endpoints.iter() {
-            if let Some(a) = v4(&e.ip) {
+            if let Some(a) = F::ip(&e.ip) {
                 backend_want.insert((a, e.port, proto));
             }
         }
-        for (a, p) in frontends(sps, &node_port_ips) {
+        for (a, p) in frontends::<F>(sps, &node_port_ips) {
             frontend_want.insert((a, p, proto));
         }
     }
@@ -224,12 +296,14 @@ pub fn desired(
             st.backend_ids.insert(*b, id);
         }
     }
-    let mut used: BTreeSet<u32> = st.backend_ids.values().copied().collect();
+    let mut ids = Ids::new(
+        st.backend_ids.values().copied().collect(),
+        limits::BACKENDS,
+        "backend",
+    );
     for b in &backend_want {
         if !st.backend_ids.contains_key(b) {
-            let id = alloc(&used, limits::BACKENDS, "backend")?;
-            used.insert(id);
-            st.backend_ids.insert(*b, id);
+            st.backend_ids.insert(*b, ids.take()?);
         }
     }
     for f in &frontend_want {
@@ -237,24 +311,22 @@ pub fn desired(
             st.rev_nat_ids.insert(*f, id);
         }
     }
-    let mut used: BTreeSet<u32> = st.rev_nat_ids.values().copied().collect();
+    // rev_nat_id is a u16 in service values and affinity keys.
+    let mut ids = Ids::new(
+        st.rev_nat_ids.values().copied().collect(),
+        u32::from(u16::MAX).min(limits::REVNAT),
+        "reverse-NAT",
+    );
     for f in &frontend_want {
         if !st.rev_nat_ids.contains_key(f) {
-            // rev_nat_id is a u16 in service values and affinity keys.
-            let id = alloc(
-                &used,
-                u32::from(u16::MAX).min(limits::REVNAT),
-                "reverse-NAT",
-            )?;
-            used.insert(id);
-            st.rev_nat_ids.insert(*f, id);
+            st.rev_nat_ids.insert(*f, ids.take()?);
         }
     }
     for ((a, p, proto), id) in &st.backend_ids {
         st.backends.insert(
             *id,
-            Backend4 {
-                addr: addr4(a.octets()),
+            Backend {
+                addr: F::wire(*a),
                 port: port(*p),
                 proto: *proto,
                 flags: 0,
@@ -264,8 +336,8 @@ pub fn desired(
     for ((a, p, _), id) in &st.rev_nat_ids {
         st.rev_nat.insert(
             *id,
-            RevNat4 {
-                addr: addr4(a.octets()),
+            RevNat {
+                addr: F::wire(*a),
                 port: port(*p),
                 pad: 0,
             },
@@ -288,8 +360,9 @@ pub fn desired(
         }
         let timeout = sp.affinity_timeout_seconds.unwrap_or(0);
         let name = sp.name.to_string();
-        if let Some(cip) = v4(&sp.cluster_ip) {
-            st.cluster_ips.insert(addr4(cip.octets()));
+        let cluster_ip = F::ip(&sp.cluster_ip);
+        if let Some(cip) = cluster_ip {
+            st.cluster_ips.insert(F::wire(cip));
             let mut flags = base | svc_flags::CLUSTER_IP;
             // Off-cluster sources to a ClusterIP are masqueraded only when the cluster CIDR
             // tells them apart (kube-proxy: `ip saddr != <clusterCIDR>`).
@@ -305,12 +378,12 @@ pub fn desired(
                 &name,
             )?;
         }
-        let mut external: Vec<(Ipv4Addr, u16, bool)> = Vec::new();
-        for (a, p) in frontends(sps, &node_port_ips) {
-            if Some(a) == v4(&sp.cluster_ip) && p == sp.port {
+        let mut external: Vec<(F::Ip, u16, bool)> = Vec::new();
+        for (a, p) in frontends::<F>(sps, &node_port_ips) {
+            if Some(a) == cluster_ip && p == sp.port {
                 continue;
             }
-            let is_lb = p == sp.port && sp.load_balancer_ips.iter().any(|l| v4(l) == Some(a));
+            let is_lb = p == sp.port && sp.load_balancer_ips.iter().any(|l| F::ip(l) == Some(a));
             external.push((a, p, is_lb));
         }
         for (a, p, is_lb) in external {
@@ -318,7 +391,7 @@ pub fn desired(
             let mut flags = base;
             // Replies carry a node address as source after reverse NAT: NodePorts, and
             // externalIPs / LoadBalancer IPs that are assigned to this node.
-            let local = local_addrs.iter().any(|l| v4(l) == Some(a));
+            let local = local_addrs.iter().any(|l| F::ip(l) == Some(a));
             if (Some(p) == sp.node_port && node_port_ips.contains(&a)) || local {
                 flags |= svc_flags::NODE_ADDRESS;
             }
@@ -327,10 +400,10 @@ pub fn desired(
             if !sp.external_policy_local {
                 flags |= svc_flags::MASQUERADE;
             }
-            let ranges: Vec<Lpm4Ord> = if is_lb {
+            let ranges: Vec<Lpm<F::Wire>> = if is_lb {
                 sp.load_balancer_source_ranges
                     .iter()
-                    .filter_map(lpm)
+                    .filter_map(lpm::<F>)
                     .collect()
             } else {
                 Vec::new()
@@ -340,8 +413,9 @@ pub fn desired(
                 for r in &ranges {
                     st.src_ranges.insert((
                         shunt_abi::SRC_RANGE_ID_BITS + r.prefix_len,
-                        SrcRange4Ord {
+                        SrcRange {
                             rev_nat_id: id,
+                            pad: 0,
                             addr: r.addr,
                         },
                     ));
@@ -370,19 +444,19 @@ pub fn desired(
     Ok(st)
 }
 
-/// External frontends of a service port: (address, port) for NodePorts on node addresses,
-/// externalIPs and LoadBalancer IPs (both on the service port).
-fn frontends(sps: &ServicePortState, node_port_ips: &[Ipv4Addr]) -> Vec<(Ipv4Addr, u16)> {
+/// Frontends of a service port: (address, port) for the ClusterIP, NodePorts on node
+/// addresses, externalIPs and LoadBalancer IPs (both on the service port).
+fn frontends<F: Family>(sps: &ServicePortState, node_port_ips: &[F::Ip]) -> Vec<(F::Ip, u16)> {
     let sp = &sps.port;
     let mut out = Vec::new();
-    if let Some(c) = v4(&sp.cluster_ip) {
+    if let Some(c) = F::ip(&sp.cluster_ip) {
         out.push((c, sp.port));
     }
     if let Some(np) = sp.node_port {
         out.extend(node_port_ips.iter().map(|a| (*a, np)));
     }
     for ip in sp.external_ips.iter().chain(sp.load_balancer_ips.iter()) {
-        if let Some(a) = v4(ip) {
+        if let Some(a) = F::ip(ip) {
             out.push((a, sp.port));
         }
     }
@@ -391,23 +465,23 @@ fn frontends(sps: &ServicePortState, node_port_ips: &[Ipv4Addr]) -> Vec<(Ipv4Add
     out
 }
 
-fn put_frontend(
-    st: &mut State4,
-    (addr, p, proto, scope): (Ipv4Addr, u16, u8, u8),
+fn put_frontend<F: Family>(
+    st: &mut State<F>,
+    (addr, p, proto, scope): (F::Ip, u16, u8, u8),
     endpoints: &[Endpoint],
     (rev_nat_id, flags, timeout): (u16, u16, u32),
     name: &str,
 ) -> Result<(), PlanError> {
     let ids: Vec<u32> = endpoints
         .iter()
-        .filter_map(|e| v4(&e.ip).map(|a| st.backend_ids[&(a, e.port, proto)]))
+        .filter_map(|e| F::ip(&e.ip).map(|a| st.backend_ids[&(a, e.port, proto)]))
         .collect();
     let count = u16::try_from(ids.len()).map_err(|_| PlanError::TooManyEndpoints {
         service: name.to_string(),
         max: usize::from(u16::MAX),
     })?;
-    let key = |slot: u16| Service4Key {
-        addr: addr4(addr.octets()),
+    let key = |slot: u16| ServiceKey {
+        addr: F::wire(addr),
         dport: port(p),
         proto,
         scope,
@@ -437,30 +511,15 @@ fn put_frontend(
     Ok(())
 }
 
-fn check(st: &State4) -> Result<(), PlanError> {
+fn check<F: Family>(st: &State<F>) -> Result<(), PlanError> {
+    let m = F::MAPS;
     let sizes: [(&'static str, usize, u32); 5] = [
+        (m.services, st.services.len(), limits::SERVICES),
+        (m.backends, st.backends.len(), limits::BACKENDS),
+        (m.src_range, st.src_ranges.len(), limits::SRC_RANGES),
+        (m.cluster_ip, st.cluster_ips.len(), limits::CLUSTER_IPS),
         (
-            shunt_abi::names::SERVICES4,
-            st.services.len(),
-            limits::SERVICES,
-        ),
-        (
-            shunt_abi::names::BACKENDS4,
-            st.backends.len(),
-            limits::BACKENDS,
-        ),
-        (
-            shunt_abi::names::SRC_RANGE4,
-            st.src_ranges.len(),
-            limits::SRC_RANGES,
-        ),
-        (
-            shunt_abi::names::CLUSTER_IP4,
-            st.cluster_ips.len(),
-            limits::CLUSTER_IPS,
-        ),
-        (
-            shunt_abi::names::SERVICE_CIDR4,
+            m.service_cidr,
             st.service_cidrs.len().max(st.local_cidrs.len()),
             limits::CIDRS,
         ),
@@ -475,10 +534,10 @@ fn check(st: &State4) -> Result<(), PlanError> {
 
 /// The ordered operations that turn `old` into `new` (make-before-break, see module docs).
 /// Entries whose value is unchanged are not rewritten.
-pub fn diff(old: &State4, new: &State4) -> Vec<MapOp> {
+pub fn diff<F: Family>(old: &State<F>, new: &State<F>) -> Vec<MapOp<F::Wire>> {
     let mut ops = Vec::new();
     if old.node_ip != new.node_ip {
-        ops.push(MapOp::SetConfig(Config4 {
+        ops.push(MapOp::SetConfig(Config {
             node_ip: new.node_ip,
             pad: 0,
         }));
@@ -505,7 +564,7 @@ pub fn diff(old: &State4, new: &State4) -> Vec<MapOp> {
     for c in new.local_cidrs.difference(&old.local_cidrs) {
         ops.push(MapOp::PutLpm(Trie::LocalCidr, *c));
     }
-    let changed = |k: &Service4Key, v: &Service4Value| old.services.get(k) != Some(v);
+    let changed = |k: &ServiceKey<F::Wire>, v: &Service4Value| old.services.get(k) != Some(v);
     for (k, v) in new.services.iter().filter(|(k, _)| k.backend_slot != 0) {
         if changed(k, v) {
             ops.push(MapOp::PutService(*k, *v));
@@ -516,7 +575,7 @@ pub fn diff(old: &State4, new: &State4) -> Vec<MapOp> {
             ops.push(MapOp::PutService(*k, *v));
         }
     }
-    let gone = |k: &&Service4Key| !new.services.contains_key(k);
+    let gone = |k: &&ServiceKey<F::Wire>| !new.services.contains_key(k);
     for k in old
         .services
         .keys()
@@ -566,11 +625,11 @@ pub fn diff(old: &State4, new: &State4) -> Vec<MapOp> {
 /// naming any other pair is stale: an affinity entry for a backend that left the service,
 /// or a UDP flow to a removed endpoint (kube-proxy deletes those conntrack entries so that
 /// clients switch to a live endpoint).
-pub fn valid_pairs(st: &State4) -> BTreeSet<(u16, u32)> {
+pub fn valid_pairs<F: Family>(st: &State<F>) -> BTreeSet<(u16, u32)> {
     let mut out = BTreeSet::new();
     for (k, v) in st.services.iter().filter(|(k, _)| k.backend_slot == 0) {
         for slot in 1..=v.count {
-            let sk = Service4Key {
+            let sk = ServiceKey {
                 backend_slot: slot,
                 ..*k
             };
@@ -584,14 +643,11 @@ pub fn valid_pairs(st: &State4) -> BTreeSet<(u16, u32)> {
 
 /// Rebuild the id allocations from map content read back from the kernel (adopted pins
 /// after a restart), so that the next [`desired`] keeps the ids live flows refer to.
-pub fn ids_from_maps(st: &mut State4) {
+pub fn ids_from_maps<F: Family>(st: &mut State<F>) {
     st.backend_ids = st
         .backends
         .iter()
-        .map(|(id, b)| {
-            let a = Ipv4Addr::from(b.addr.to_ne_bytes());
-            ((a, u16::from_be(b.port), b.proto), *id)
-        })
+        .map(|(id, b)| ((F::from_wire(b.addr), u16::from_be(b.port), b.proto), *id))
         .collect();
     // A reverse-NAT entry has no protocol; take it from the slot-0 entries that use the id.
     st.rev_nat_ids = st
@@ -599,8 +655,10 @@ pub fn ids_from_maps(st: &mut State4) {
         .iter()
         .filter(|(k, _)| k.backend_slot == 0)
         .map(|(k, v)| {
-            let a = Ipv4Addr::from(k.addr.to_ne_bytes());
-            ((a, u16::from_be(k.dport), k.proto), u32::from(v.rev_nat_id))
+            (
+                (F::from_wire(k.addr), u16::from_be(k.dport), k.proto),
+                u32::from(v.rev_nat_id),
+            )
         })
         .collect();
 }

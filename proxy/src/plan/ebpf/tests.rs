@@ -2,7 +2,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
-use shunt_abi::{addr4, port, scope, svc_flags};
+use shunt_abi::{SrcRange, addr4, addr6, port, scope, svc_flags};
 
 use super::*;
 use crate::model::{
@@ -78,9 +78,9 @@ pub(crate) fn snap(services: Vec<ServicePortState>) -> Snapshot {
     }
 }
 
-fn key(a: &str, p: u16, sc: u8, slot: u16) -> Service4Key {
+fn key(a: &str, p: u16, sc: u8, slot: u16) -> shunt_abi::Service4Key {
     let IpAddr::V4(a) = ip(a) else { panic!() };
-    Service4Key {
+    shunt_abi::Service4Key {
         addr: addr4(a.octets()),
         dport: port(p),
         proto: 6,
@@ -175,8 +175,9 @@ fn nodeport_lb_local_policy_two_scopes_and_source_ranges() {
     assert_ne!(lb.flags & svc_flags::SOURCE_RANGES, 0);
     assert!(st.src_ranges.contains(&(
         shunt_abi::SRC_RANGE_ID_BITS + 16,
-        SrcRange4Ord {
+        SrcRange {
             rev_nat_id: lb.rev_nat_id,
+            pad: 0,
             addr: addr4([9, 9, 0, 0])
         }
     )));
@@ -236,13 +237,20 @@ fn all_local_nodeports_skip_loopback() {
 }
 
 #[test]
-fn ipv6_snapshot_is_refused() {
+fn snapshot_of_the_other_family_is_refused() {
     let mut s = snap(vec![]);
     s.network.family = IpFamily::V6;
-    assert_eq!(desired(&s, &[], &State4::default()), Err(PlanError::Ipv6));
+    assert_eq!(
+        desired(&s, &[], &State4::default()),
+        Err(PlanError::WrongFamily {
+            want: IpFamily::V4,
+            got: IpFamily::V6
+        })
+    );
+    assert!(desired(&snap(vec![]), &[], &State6::default()).is_err());
 }
 
-fn pos(ops: &[MapOp], f: impl Fn(&MapOp) -> bool) -> Vec<usize> {
+fn pos<W>(ops: &[MapOp<W>], f: impl Fn(&MapOp<W>) -> bool) -> Vec<usize> {
     ops.iter()
         .enumerate()
         .filter(|(_, o)| f(o))
@@ -339,13 +347,10 @@ fn shrink_and_delete_break_after_make() {
     assert_eq!(a1, id(&new));
 }
 
-#[test]
-fn ids_survive_a_readback() {
-    let mut s = svc("lb", "172.30.0.13", vec![ep("10.1.0.1", true)]);
-    s.port.node_port = Some(30080);
-    let sn = snap(vec![s]);
-    let st = desired(&sn, &[], &State4::default()).unwrap();
-    let mut back = State4 {
+/// What the kernel maps would give back for `st` (the id allocations are not stored), with
+/// its ids rebuilt: they must be `st`'s.
+fn assert_ids_survive_readback<F: Family>(st: &State<F>) -> State<F> {
+    let mut back = State::<F> {
         node_ip: st.node_ip,
         services: st.services.clone(),
         backends: st.backends.clone(),
@@ -355,6 +360,16 @@ fn ids_survive_a_readback() {
     ids_from_maps(&mut back);
     assert_eq!(back.backend_ids, st.backend_ids);
     assert_eq!(back.rev_nat_ids, st.rev_nat_ids);
+    back
+}
+
+#[test]
+fn ids_survive_a_readback() {
+    let mut s = svc("lb", "172.30.0.13", vec![ep("10.1.0.1", true)]);
+    s.port.node_port = Some(30080);
+    let sn = snap(vec![s]);
+    let st = desired(&sn, &[], &State4::default()).unwrap();
+    let back = assert_ids_survive_readback(&st);
     let again = desired(&sn, &[], &back).unwrap();
     assert_eq!(again, st);
 }
@@ -407,4 +422,144 @@ fn masquerade_flags_follow_detect_local_and_masquerade_all() {
     for (k, v) in st.services.iter().filter(|(k, _)| k.backend_slot == 0) {
         assert_ne!(v.flags & svc_flags::MASQUERADE_ALL, 0, "{k:?}");
     }
+}
+
+pub(crate) fn svc6(name: &str, cip: &str, eps: Vec<Endpoint>) -> ServicePortState {
+    let mut s = svc(name, cip, eps);
+    s.port.family = IpFamily::V6;
+    s
+}
+
+/// An IPv6 snapshot: node 2001:db8::1, pods fd00:10::/64, services fd00:172:30::/112.
+pub(crate) fn snap6(services: Vec<ServicePortState>) -> Snapshot {
+    let mut s = snap(services);
+    s.network.family = IpFamily::V6;
+    s.network.primary_ip = Some(ip("2001:db8::1"));
+    s.network.node_port_ips = NodePortIps::Addresses(vec![ip("2001:db8::1"), ip("192.168.0.2")]);
+    s.network.local_detector = LocalDetector::ClusterCidr(vec!["fd00:10::/64".parse().unwrap()]);
+    s.network.service_cidrs = vec!["fd00:172:30::/112".parse().unwrap()];
+    s
+}
+
+fn w6(a: &str) -> [u32; 4] {
+    let IpAddr::V6(a) = ip(a) else { panic!() };
+    addr6(a.octets())
+}
+
+fn key6(a: &str, p: u16, sc: u8, slot: u16) -> shunt_abi::Service6Key {
+    shunt_abi::Service6Key {
+        addr: w6(a),
+        dport: port(p),
+        proto: 6,
+        scope: sc,
+        backend_slot: slot,
+        pad: 0,
+    }
+}
+
+#[test]
+fn ipv6_nodeport_lb_local_policy_and_source_ranges() {
+    let mut s = svc6(
+        "lb",
+        "fd00:172:30::41",
+        vec![ep("fd00:10:180::1", false), ep("fd00:10:180::2:1", true)],
+    );
+    s.port.node_port = Some(3001);
+    s.port.load_balancer_ips = vec![ip("2001:db8:5::4"), ip("198.51.100.4")];
+    s.port.load_balancer_source_ranges = vec![
+        "2001:db8:ff::/48".parse().unwrap(),
+        "203.0.113.0/25".parse().unwrap(),
+    ];
+    s.port.external_policy_local = true;
+    let local = [
+        ip("2001:db8::1"),
+        ip("2001:db8:1::2"),
+        ip("::1"),
+        ip("192.168.0.2"),
+    ];
+    let st = desired(&snap6(vec![s]), &local, &State6::default()).unwrap();
+    assert_eq!(st.node_ip, w6("2001:db8::1"));
+    // ClusterIP: both endpoints, masquerade for off-cluster sources.
+    let c = st.services[&key6("fd00:172:30::41", 80, scope::EXTERNAL, 0)];
+    assert_eq!(c.count, 2);
+    assert_eq!(c.flags, svc_flags::CLUSTER_IP | svc_flags::MASQUERADE);
+    let b1 = st.services[&key6("fd00:172:30::41", 80, 0, 1)].backend_id;
+    let be = st.backends[&b1];
+    assert!(be.addr == w6("fd00:10:180::1") || be.addr == w6("fd00:10:180::2:1"));
+    assert_eq!(be.port, port(8080));
+    // NodePort only on the IPv6 node-port address (the IPv4 one belongs to the other
+    // family); local endpoint only externally, both from pods (two scopes).
+    let np = st.services[&key6("2001:db8::1", 3001, scope::EXTERNAL, 0)];
+    assert_eq!(np.count, 1);
+    assert_ne!(np.flags & svc_flags::TWO_SCOPES, 0);
+    assert_ne!(np.flags & svc_flags::NODE_ADDRESS, 0);
+    assert_eq!(
+        st.services[&key6("2001:db8::1", 3001, scope::INTERNAL, 0)].count,
+        2
+    );
+    assert!(
+        !st.services
+            .keys()
+            .any(|k| k.addr == w6("2001:db8:1::2") && k.backend_slot == 0)
+    );
+    // LoadBalancer IP: the IPv6 source range only, 32 id bits + 48 prefix bits.
+    let lb = st.services[&key6("2001:db8:5::4", 80, scope::EXTERNAL, 0)];
+    assert_ne!(lb.flags & svc_flags::SOURCE_RANGES, 0);
+    assert_eq!(
+        st.src_ranges,
+        BTreeSet::from([(
+            shunt_abi::SRC_RANGE_ID_BITS + 48,
+            SrcRange {
+                rev_nat_id: lb.rev_nat_id,
+                pad: 0,
+                addr: w6("2001:db8:ff::"),
+            }
+        )])
+    );
+    assert_eq!(
+        st.rev_nat[&u32::from(lb.rev_nat_id)].addr,
+        w6("2001:db8:5::4")
+    );
+    assert_eq!(st.cluster_ips, BTreeSet::from([w6("fd00:172:30::41")]));
+    assert_eq!(
+        st.local_cidrs,
+        BTreeSet::from([shunt_abi::Lpm {
+            prefix_len: 64,
+            addr: w6("fd00:10::")
+        }])
+    );
+    assert_eq!(
+        st.service_cidrs
+            .iter()
+            .map(|l| l.prefix_len)
+            .collect::<Vec<_>>(),
+        vec![112]
+    );
+    // No IPv4 address leaked into the IPv6 maps.
+    assert!(st.backends.values().all(|b| b.addr[0] != 0));
+
+    // Ids survive a read-back (V6::from_wire inverts V6::wire), and a diff from empty
+    // writes everything a slot 0 refers to before it.
+    assert_ids_survive_readback(&st);
+    let ops = diff(&State6::default(), &st);
+    let first_slot0 = pos(
+        &ops,
+        |o| matches!(o, MapOp::PutService(k, _) if k.backend_slot == 0),
+    )[0];
+    let last_ref = *pos(
+        &ops,
+        |o| !matches!(o, MapOp::PutService(k, _) if k.backend_slot == 0),
+    )
+    .last()
+    .unwrap();
+    assert!(last_ref < first_slot0, "{ops:?}");
+    assert!(diff(&st, &st).is_empty());
+}
+
+#[test]
+fn ids_fill_gaps_lowest_first_and_run_out() {
+    let mut ids = Ids::new(BTreeSet::from([1, 2, 4, 7]), 9, "backend");
+    let got: Vec<u32> = (0..5).map(|_| ids.take().unwrap()).collect();
+    assert_eq!(got, vec![3, 5, 6, 8, 9]);
+    assert_eq!(ids.take(), Err(PlanError::IdsExhausted { what: "backend" }));
 }

@@ -51,12 +51,8 @@ enum Cmd {
         cmd: AgentCmd,
     },
     /// Everything: install-deps, manifest validation, fmt, clippy, cargo test, conformance
-<<<<<<< HEAD
-    /// (nftables, iptables on both backends), short soaks (every scenario, every mode).
-=======
-    /// (nftables, iptables on both backends), short restart soak (nftables, iptables),
+    /// (nftables, iptables on both backends, ebpf), short soaks (every scenario, every mode),
     /// bench quick preset.
->>>>>>> bench
     Test,
 }
 

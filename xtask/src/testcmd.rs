@@ -2,8 +2,7 @@
 //! Order: what needs installing, manifest validation, fmt, clippy, unit/integration/namespace
 //! tests, then the packet-level conformance scenarios in nftables mode, in iptables mode
 //! (legacy and nft backends) and in ebpf mode, then the short soaks (every scenario) in every
-//! mode, then the
-//! bench's quick preset.
+//! mode, then the bench's quick preset.
 
 use std::process::Command;
 

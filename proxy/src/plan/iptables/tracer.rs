@@ -116,8 +116,9 @@ impl Tracer {
             } else if let Some(name) = line.strip_prefix("-X ") {
                 chains.remove(&(table, name.to_string()));
             } else {
+                // `-S` (nft_cache's whole-table cache request) only lists the table.
                 assert!(
-                    line == "COMMIT" || line.is_empty(),
+                    line == "COMMIT" || line.is_empty() || line == "-S",
                     "unexpected line {line}"
                 );
             }

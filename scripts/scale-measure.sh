@@ -75,7 +75,7 @@ if [ "$mode" = iptables ]; then
 # in the same transaction as the endpoint's DNAT chain. Polling that one chain (`-S CHAIN`)
 # instead of the whole table keeps the poll cheap: iptables-nft-save of 10,000 Services takes
 # ~6 s (iptables-nft fetches only the named chain for `-S CHAIN`).
-svc_chain=$(ip netns exec "$ns" "$save" -t nat | awk '/^-A SHUNT-SERVICES .*"scale\/svc0:http cluster IP"/ { print $NF; exit }')
+svc_chain=$(ip netns exec "$ns" "$save" -t nat | awk '!c && /^-A SHUNT-SERVICES .*"scale\/svc0:http cluster IP"/ { c = $NF } END { print c }')
 [ -n "$svc_chain" ] || { echo "svc0's service chain not found"; exit 1; }
 list="${save%-save}"
 fi

@@ -173,10 +173,9 @@ impl Ctx<'_> {
     }
 
     /// shunt's state in the node: nft tables called `shunt*`, iptables `SHUNT-` chains through
-    /// either iptables backend, or (ebpf) pins under /sys/fs/bpf/shunt, minus what was there
-    /// before the scenario started (`w.before`): the pin directory is the machine's (shunt
-    /// joins only the node's network namespace, LAB-NOTES), so another lab's ebpf-mode shunt
-    /// on the same machine may have pins there that this run's `--cleanup` must not touch.
+    /// either iptables backend, or (ebpf) pins in the lab's own pin directory
+    /// ([`shunt::pin_dir_for`]), minus what was there before the scenario started (`w.before`),
+    /// so only what this scenario's shunt created is counted.
     fn leftovers(&self, w: &Work) -> Result<usize> {
         Ok(self
             .state_entries()?
@@ -203,7 +202,12 @@ impl Ctx<'_> {
             ProxyMode::Nftables => lines(self.lab.node.sh("nft list tables")?, |l| {
                 l.contains("shunt")
             }),
-            ProxyMode::Ebpf => std::fs::read_dir("/sys/fs/bpf/shunt").map_or(Vec::new(), |d| {
+            ProxyMode::Ebpf => std::fs::read_dir(
+                self.cgroup
+                    .map(shunt::pin_dir_for)
+                    .context("ebpf mode runs with a lab cgroup")?,
+            )
+            .map_or(Vec::new(), |d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()

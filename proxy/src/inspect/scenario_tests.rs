@@ -66,9 +66,27 @@ pub(crate) fn as_save(restore: &str, jumps: &[crate::plan::iptables::JumpRule]) 
 pub(crate) struct Programmed {
     pub nft: NftTable,
     pub iptables: Tracer,
-    /// None for IPv6 until the ebpf plan programs it (it refuses V6 snapshots).
-    pub ebpf: Option<crate::plan::ebpf::State4>,
-    pub ebpf_skip: Option<String>,
+    /// The snapshot's family's maps, written with the plan's operations (the other family
+    /// None).
+    pub ebpf: super::ebpf::Maps,
+}
+
+/// The ebpf plan of `snap` for family `F`, programmed with its operations into empty maps
+/// (checked against the desired content).
+pub(crate) fn program_ebpf<F: super::ebpf::Fam>(
+    snap: &Snapshot,
+    local: &[IpAddr],
+) -> (
+    crate::plan::ebpf::State<F>,
+    Vec<crate::plan::ebpf::MapOp<F::Wire>>,
+) {
+    let st = crate::plan::ebpf::desired::<F>(snap, local, &Default::default())
+        .expect("the ebpf plan accepts the scenario");
+    let ops = crate::plan::ebpf::diff(&Default::default(), &st);
+    let mut maps = crate::plan::ebpf::State::<F>::default();
+    super::ebpf::apply_ops(&mut maps, &ops);
+    assert_eq!(maps, st, "the map operations program the desired content");
+    (maps, ops)
 }
 
 pub(crate) fn program(snap: &Snapshot, local: &[IpAddr]) -> Programmed {
@@ -97,23 +115,15 @@ pub(crate) fn program(snap: &Snapshot, local: &[IpAddr]) -> Programmed {
         local,
     )
     .expect("the rendered rules load as a save");
-    let (ebpf, ebpf_skip) = match crate::plan::ebpf::desired(snap, local, &Default::default()) {
-        Ok(st) => {
-            let mut maps = crate::plan::ebpf::State4::default();
-            super::ebpf::apply_ops(
-                &mut maps,
-                &crate::plan::ebpf::diff(&Default::default(), &st),
-            );
-            assert_eq!(maps, st, "the map operations program the desired content");
-            (Some(maps), None)
-        }
-        Err(e) => (None, Some(e.to_string())),
-    };
+    let mut ebpf = super::ebpf::Maps::default();
+    match snap.network.family {
+        IpFamily::V4 => ebpf.v4 = Some(program_ebpf::<crate::plan::ebpf::V4>(snap, local).0),
+        IpFamily::V6 => ebpf.v6 = Some(program_ebpf::<crate::plan::ebpf::V6>(snap, local).0),
+    }
     Programmed {
         nft,
         iptables,
         ebpf,
-        ebpf_skip,
     }
 }
 
@@ -183,18 +193,11 @@ fn every_scenario_packet_traces_to_its_verdict_in_every_mode() {
                     "iptables: {name}"
                 );
                 ipt_n += 1;
-                let Some(st) = &prog.ebpf else {
-                    ebpf_skipped.push(format!(
-                        "{name}: {}",
-                        prog.ebpf_skip.as_deref().unwrap_or("no plan")
-                    ));
-                    continue;
-                };
                 let host = super::ebpf::Host {
                     local: local.clone(),
                     loopback_attached: true,
                 };
-                let (got, why) = super::ebpf::trace(st, &host, &p);
+                let (got, why) = prog.ebpf.trace(&host, &p).unwrap();
                 match ebpf_limitation(&p) {
                     Some(reason) => {
                         // The limitation must really be what makes it differ.
@@ -284,9 +287,7 @@ fn inspect_views_round_trip_json_and_match_the_model() {
                     super::view::from_iptables(fam, prog.iptables.chains()),
                 ),
             ];
-            if let Some(st) = &prog.ebpf {
-                views.push(("ebpf", super::ebpf::view(st)));
-            }
+            views.push(("ebpf", prog.ebpf.view_of(fam).expect("the family's maps")));
             for (mode, view) in views {
                 check_view_against_model(mode, id, &view, &snap);
                 let doc = Inspected {
@@ -298,7 +299,6 @@ fn inspect_views_round_trip_json_and_match_the_model() {
                 assert_eq!(back, doc, "{mode} {id}: JSON round trip");
                 checked += 1;
             }
-            let _ = IpFamily::V4;
         }
     }
     eprintln!("checked {checked} inspect views");
@@ -346,7 +346,7 @@ fn load_balancer_source_ranges_affinity_and_local_policy_in_every_view() {
             "iptables",
             super::view::from_iptables(IpFamily::V4, prog.iptables.chains()),
         ),
-        ("ebpf", super::ebpf::view(prog.ebpf.as_ref().unwrap())),
+        ("ebpf", prog.ebpf.view_of(IpFamily::V4).unwrap()),
     ];
     for (mode, view) in &views {
         let at = |a: &str| {
@@ -404,7 +404,6 @@ fn load_balancer_source_ranges_affinity_and_local_policy_in_every_view() {
         local: local.clone(),
         loopback_attached: true,
     };
-    let st = prog.ebpf.as_ref().unwrap();
     for (mode, got_in, got_out) in [
         (
             "nftables",
@@ -418,8 +417,8 @@ fn load_balancer_source_ranges_affinity_and_local_policy_in_every_view() {
         ),
         (
             "ebpf",
-            super::ebpf::trace(st, &host, &inside).0,
-            super::ebpf::trace(st, &host, &outside).0,
+            prog.ebpf.trace(&host, &inside).unwrap().0,
+            prog.ebpf.trace(&host, &outside).unwrap().0,
         ),
     ] {
         assert_eq!(got_in, want_in, "{mode}: inside the source range");

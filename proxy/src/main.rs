@@ -132,13 +132,11 @@ fn cleanup_modes(modes: &[ProxyMode], pin_dir: &std::path::Path) -> anyhow::Resu
             ),
             // Pins and links live under the pin dir only; the cgroup is not needed to
             // remove them (unpinning a link's last reference detaches it).
-            ProxyMode::Ebpf => {
-                cleanup_one(
+            ProxyMode::Ebpf => cleanup_one(
                 mode,
                 EbpfDataplane::new(ebpf_options(None, pin_dir)),
                 &mut failed,
-            )
-            }
+            ),
         }
     }
     if failed.is_empty() {

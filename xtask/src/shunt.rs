@@ -266,7 +266,10 @@ impl Drop for Cgroup {
         if pins.exists()
             && let Err(e) = std::fs::remove_dir_all(&pins)
         {
-            eprintln!("warning: could not remove pin directory {}: {e}", pins.display());
+            eprintln!(
+                "warning: could not remove pin directory {}: {e}",
+                pins.display()
+            );
         }
         // rmdir fails while a process is still inside; shunt has been reaped before we get here.
         for _ in 0..20 {
@@ -477,7 +480,10 @@ mod tests {
             "{a}"
         );
         assert!(!a.contains("--cluster-cidr"));
-        assert!(a.ends_with("--cgroup-root /cg --pin-dir /sys/fs/bpf/cg"), "{a}");
+        assert!(
+            a.ends_with("--cgroup-root /cg --pin-dir /sys/fs/bpf/cg"),
+            "{a}"
+        );
 
         s.node.zone = Some("z1".into());
         let objs = cluster_objects(&s);

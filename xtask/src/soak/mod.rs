@@ -215,8 +215,10 @@ impl Ctx<'_> {
         })
     }
 
-    /// The programmed rules as text (nft ruleset, or iptables-save of both backends); None in
-    /// ebpf mode, whose state is in BPF maps.
+    /// The programmed state as text: nft ruleset, iptables-save of both backends, or in ebpf
+    /// mode the frontends and endpoints read back from the lab's pinned maps by shunt's own
+    /// `shunt inspect services -o json` (conntrack and counters, which move with traffic, are
+    /// not part of it). None only when that cannot be read.
     pub fn rules_dump(&self) -> Result<Option<String>> {
         Ok(match self.mode {
             ProxyMode::Nftables => Some(self.lab.node.sh("nft list ruleset")?),
@@ -226,7 +228,21 @@ impl Ctx<'_> {
                     .sh("for t in iptables-legacy-save iptables-nft-save; do \
                  command -v $t >/dev/null && $t 2>/dev/null; done; true")?,
             ),
-            ProxyMode::Ebpf => None,
+            ProxyMode::Ebpf => {
+                let Some(pins) = self.cgroup.map(shunt::pin_dir_for) else {
+                    return Ok(None);
+                };
+                // nsenter, not `ip netns exec`: that remounts /sys and hides the pins.
+                Some(netns::run(
+                    std::process::Command::new("nsenter")
+                        .arg(format!("--net={}", self.lab.node.path()))
+                        .arg("--")
+                        .arg(self.bin)
+                        .args(["inspect", "services", "--proxy-mode", "ebpf", "--pin-dir"])
+                        .arg(&pins)
+                        .args(["-o", "json"]),
+                )?)
+            }
         })
     }
 

@@ -3,6 +3,8 @@
 //! then shunt runs in nftables mode, then in iptables mode, on a manifest directory, and
 //! the subcommands must show what it programmed (JSON that round-trips) and give each
 //! packet's verdict. Needs root, `ip`, `nft`, `iptables` and `curl`; skips otherwise.
+//! ebpf mode: a dual-stack plan written into maps pinned on a private bpffs, then read
+//! through the binary (`inspect services|conntrack|counters`, `trace`) in both families.
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -2,8 +2,10 @@
 //! creates and always deletes (nft tables, iptables chains in both backends), read back with
 //! the real tools, parsed, and checked: the read-back equals what the plan programmed, the
 //! views round-trip through JSON, and every scenario packet traces to its verdict. For ebpf:
-//! the maps pinned on a private bpffs mount, written with the plan's operations and read back
-//! from the pins. Skips (saying why) when not root or a tool is missing.
+//! the scenario's family's maps (IPv4 or IPv6) pinned on a private bpffs mount, written with
+//! the dataplane's map writer from the plan's operations, read back from the pins (equal to
+//! the plan; the other family's maps pinned and empty), and every packet traced through them
+//! as through the plan. Skips (saying why) when not root or a tool is missing.
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::{Command, Stdio};

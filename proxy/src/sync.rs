@@ -1,9 +1,12 @@
 //! The sync runner: feeds source events to the model and paces dataplane syncs the way
 //! kube-proxy's `async.BoundedFrequencyRunner` does (pkg/util/async/bounded_frequency_runner.go):
 //!
-//! - a change asks for a sync; it runs at once if the last sync started at least
-//!   `min_sync_period` ago, otherwise when that period is over — changes arriving meanwhile
-//!   are folded into that one sync (bursts coalesce);
+//! - a change asks for a sync; it runs at once when the runner's token bucket has a token,
+//!   otherwise as soon as one refills — changes arriving meanwhile are folded into that one
+//!   sync (bursts coalesce). The bucket is kube-proxy's: one token per `min_sync_period`, at
+//!   most [`BURST_SYNCS`] (the proxiers' `burstSyncs := 2`), so two syncs may run back to
+//!   back (a Service and then its EndpointSlice arriving through two watchers), and a steady
+//!   stream of changes syncs once per `min_sync_period`;
 //! - a sync runs at least every `sync_period` even without changes;
 //! - nothing is synced before the sources report `Synced` (kube-proxy waits for
 //!   `isInitialized`: services and endpoint slices synced, proxier.go `syncProxyRules`).
@@ -74,6 +77,56 @@ impl Model for Tracker {
     }
 }
 
+/// kube-proxy's proxiers build their runner with `burstSyncs := 2` (iptables/nftables
+/// proxier.go `NewProxier`); BoundedFrequencyRunner turns it into a token bucket of that size
+/// refilled at one token per minSyncPeriod (`flowcontrol.NewTokenBucketRateLimiter`).
+pub const BURST_SYNCS: f64 = 2.0;
+
+/// The sync runner's token bucket (see [`BURST_SYNCS`]).
+#[derive(Clone, Copy, Debug)]
+struct Tokens {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Tokens {
+    fn full(now: Instant) -> Self {
+        Tokens {
+            tokens: BURST_SYNCS,
+            at: now,
+        }
+    }
+
+    /// Tokens available at `now` (at or after the last update).
+    fn level(&self, now: Instant, per_token: Duration) -> f64 {
+        if per_token.is_zero() {
+            return BURST_SYNCS;
+        }
+        let refilled =
+            now.saturating_duration_since(self.at).as_secs_f64() / per_token.as_secs_f64();
+        (self.tokens + refilled).min(BURST_SYNCS)
+    }
+
+    /// When a whole token is there (`now` if it already is).
+    fn ready_at(&self, now: Instant, per_token: Duration) -> Instant {
+        // The small slack keeps float rounding from turning "due now" into a busy loop of
+        // ever shorter sleeps.
+        let missing = 1.0 - self.level(now, per_token);
+        if missing <= 1e-6 {
+            now
+        } else {
+            now + per_token.mul_f64(missing)
+        }
+    }
+
+    /// Spend one token at `now` (a sync that was due anyway, e.g. the periodic one, may run
+    /// without a whole token: the level never goes below zero).
+    fn take(&mut self, now: Instant, per_token: Duration) {
+        self.tokens = (self.level(now, per_token) - 1.0).max(0.0);
+        self.at = now;
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct RunnerConfig {
     pub min_sync_period: Duration,
@@ -102,6 +155,8 @@ pub struct Runner<M: Model, D: Dataplane> {
     pending: bool,
     /// Start of the last sync attempt.
     last_sync: Option<Instant>,
+    /// Rate limit of change-driven syncs.
+    tokens: Tokens,
     /// Set after a failure: sync again (fully) at this time even without changes.
     retry_at: Option<Instant>,
     need_full_sync: bool,
@@ -128,6 +183,7 @@ impl<M: Model, D: Dataplane> Runner<M, D> {
             synced: false,
             pending: false,
             last_sync: None,
+            tokens: Tokens::full(Instant::now()),
             retry_at: None,
             need_full_sync: true,
             last_full_sync: None,
@@ -190,7 +246,10 @@ impl<M: Model, D: Dataplane> Runner<M, D> {
         };
         let mut due = last + self.config.sync_period;
         if self.pending {
-            due = due.min(last + self.config.min_sync_period);
+            due = due.min(
+                self.tokens
+                    .ready_at(Instant::now(), self.config.min_sync_period),
+            );
         }
         if let Some(retry) = self.retry_at {
             due = due.min(retry);
@@ -271,6 +330,7 @@ impl<M: Model, D: Dataplane> Runner<M, D> {
     fn sync_once(&mut self) {
         let start = Instant::now();
         self.last_sync = Some(start);
+        self.tokens.take(start, self.config.min_sync_period);
         self.pending = false;
         self.retry_at = None;
         let periodic_full = self

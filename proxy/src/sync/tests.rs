@@ -268,7 +268,10 @@ async fn bursts_coalesce_within_min_sync_period() {
     advance(Duration::from_millis(10)).await;
     assert_eq!(h.dp.syncs().len(), 1);
 
-    // A burst right after a sync: one sync, one min-sync-period after the previous one.
+    // A burst right after a sync. kube-proxy's runner has a bucket of two tokens
+    // (burstSyncs := 2) refilled at one per min-sync-period: the first change still finds a
+    // token and syncs at once, every later one waits for the refill and they all fold into
+    // one sync, one min-sync-period after the first sync.
     let names: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
     for n in &names {
         h.send(svc(n)).await;
@@ -276,27 +279,40 @@ async fn bursts_coalesce_within_min_sync_period() {
     }
     advance(Duration::from_secs(2)).await;
     let syncs = h.dp.syncs();
-    assert_eq!(syncs.len(), 2, "{syncs:?}");
-    let gap = syncs[1].0 - syncs[0].0;
+    assert_eq!(syncs.len(), 3, "{syncs:?}");
+    assert_eq!(syncs[1].1, keys(&["s0"]));
     assert!(
-        gap >= Duration::from_secs(1),
+        syncs[1].0 - syncs[0].0 < Duration::from_millis(20),
+        "the second token is spent at once"
+    );
+    let gap = syncs[2].0 - syncs[0].0;
+    assert!(
+        gap >= Duration::from_millis(999),
         "min-sync-period not respected: {gap:?}"
     );
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    assert_eq!(syncs[1].1, keys(&refs));
+    let refs: Vec<&str> = names[1..].iter().map(String::as_str).collect();
+    assert_eq!(syncs[2].1, keys(&refs));
 
-    // After a quiet period longer than min-sync-period, a change syncs at once.
+    // After a quiet period, the bucket is full again: two changes in a row sync at once,
+    // the third waits for a token.
     advance(Duration::from_secs(5)).await;
-    h.send(svc("late")).await;
-    advance(Duration::from_millis(1)).await;
+    for n in ["late1", "late2", "late3"] {
+        h.send(svc(n)).await;
+        advance(Duration::from_millis(10)).await;
+    }
     let syncs = h.dp.syncs();
-    assert_eq!(syncs.len(), 3);
-    assert_eq!(syncs[2].1, keys(&["late"]));
-    assert!(syncs[2].0 - syncs[1].0 < Duration::from_secs(7));
+    assert_eq!(syncs.len(), 5, "{syncs:?}");
+    assert_eq!(syncs[3].1, keys(&["late1"]));
+    assert_eq!(syncs[4].1, keys(&["late2"]));
+    advance(Duration::from_secs(1)).await;
+    let syncs = h.dp.syncs();
+    assert_eq!(syncs.len(), 6, "{syncs:?}");
+    assert_eq!(syncs[5].1, keys(&["late3"]));
+    assert!(syncs[5].0 - syncs[3].0 >= Duration::from_millis(999));
     assert!(
         h.metrics
             .encode()
-            .contains("kubeproxy_sync_proxy_rules_service_changes_total 51")
+            .contains("kubeproxy_sync_proxy_rules_service_changes_total 53")
     );
     h.stop().await;
 }
@@ -324,9 +340,10 @@ async fn failure_means_full_retry_after_min_sync_period() {
     assert!(syncs[1].0 - syncs[0].0 >= Duration::from_secs(1));
     assert!(h.health.status().healthy);
 
-    // A partial sync fails: the retry is full.
+    // A partial sync fails (it runs at once: the bucket has a token): the retry is full,
+    // one min-sync-period later.
     h.send(svc("a")).await;
-    advance(Duration::from_millis(1100)).await;
+    advance(Duration::from_millis(10)).await;
     let syncs = h.dp.syncs();
     assert_eq!(syncs.len(), 3);
     assert_eq!(syncs[2].1, keys(&["a"]));

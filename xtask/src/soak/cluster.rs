@@ -26,6 +26,9 @@ pub const DNS: &str = "10.96.0.53:53";
 /// Service demo/late (ClusterIP, TCP 80 -> 8080): no endpoints until one is added while the
 /// API is down (outage).
 pub const LATE: &str = "10.96.0.20:80";
+/// Service demo/fresh (ClusterIP, TCP 80 -> 8080): created, with its EndpointSlice, while the
+/// API is down (outage): a change that reaches shunt through two watchers.
+pub const FRESH: &str = "10.96.0.21:80";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pod {

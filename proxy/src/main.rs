@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     let result = if settings.cleanup_kube_proxy {
         cleanup_kube_proxy()
     } else if settings.cleanup {
-        cleanup_all()
+        cleanup_all(&settings.pin_dir)
     } else {
         run(settings)
     };
@@ -113,12 +113,12 @@ fn cleanup_kube_proxy() -> anyhow::Result<()> {
 /// `--cleanup`: remove what every mode shunt knows created (kube-proxy's platformCleanup
 /// with cleanupAndExit cleans iptables, ipvs and nftables alike). A backend whose tool is
 /// missing has nothing to clean (upstream skips it the same way); a failed removal fails.
-fn cleanup_all() -> anyhow::Result<()> {
-    cleanup_modes(&ProxyMode::ALL)
+fn cleanup_all(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    cleanup_modes(&ProxyMode::ALL, pin_dir)
 }
 
 /// Remove what the given modes created; Err names the modes whose cleanup failed.
-fn cleanup_modes(modes: &[ProxyMode]) -> anyhow::Result<()> {
+fn cleanup_modes(modes: &[ProxyMode], pin_dir: &std::path::Path) -> anyhow::Result<()> {
     let mut failed = Vec::new();
     for &mode in modes {
         match mode {
@@ -132,9 +132,11 @@ fn cleanup_modes(modes: &[ProxyMode]) -> anyhow::Result<()> {
             ),
             // Pins and links live under the pin dir only; the cgroup is not needed to
             // remove them (unpinning a link's last reference detaches it).
-            ProxyMode::Ebpf => {
-                cleanup_one(mode, EbpfDataplane::new(ebpf_options(None)), &mut failed)
-            }
+            ProxyMode::Ebpf => cleanup_one(
+                mode,
+                EbpfDataplane::new(ebpf_options(None, pin_dir)),
+                &mut failed,
+            ),
         }
     }
     if failed.is_empty() {
@@ -193,19 +195,19 @@ fn run(settings: Settings) -> anyhow::Result<()> {
                 None => shunt::dataplane::ebpf::cgroup2_mount()
                     .context("ebpf mode: finding the cgroup2 mount (or pass --cgroup-root)")?,
             };
-            let dp = EbpfDataplane::new(ebpf_options(Some(cgroup_root)))
+            let dp = EbpfDataplane::new(ebpf_options(Some(cgroup_root), &settings.pin_dir))
                 .context("ebpf mode: invalid options")?;
             start(settings, dp)
         }
     }
 }
 
-/// ebpf mode's options: pins under /sys/fs/bpf/shunt, the tc program on every interface,
+/// ebpf mode's options: pins under `pin_dir` (--pin-dir), the tc program on every interface,
 /// the socket programs on `cgroup_root` (None: not attached, which cleanup does not need).
-fn ebpf_options(cgroup_root: Option<std::path::PathBuf>) -> EbpfOptions {
+fn ebpf_options(cgroup_root: Option<std::path::PathBuf>, pin_dir: &std::path::Path) -> EbpfOptions {
     EbpfOptions {
         cgroup_root: cgroup_root.unwrap_or_default(),
-        pin_dir: std::path::PathBuf::from("/sys/fs/bpf/shunt"),
+        pin_dir: pin_dir.to_path_buf(),
         interfaces: Interfaces::All,
     }
 }
@@ -219,7 +221,7 @@ fn start<D: Dataplane + 'static>(settings: Settings, dataplane: D) -> anyhow::Re
         .into_iter()
         .filter(|m| *m != settings.mode)
         .collect();
-    if let Err(e) = cleanup_modes(&others) {
+    if let Err(e) = cleanup_modes(&others, &settings.pin_dir) {
         warn!("leftovers of other proxy modes remain: {e:#}");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -3,6 +3,8 @@
 //! then shunt runs in nftables mode, then in iptables mode, on a manifest directory, and
 //! the subcommands must show what it programmed (JSON that round-trips) and give each
 //! packet's verdict. Needs root, `ip`, `nft`, `iptables` and `curl`; skips otherwise.
+//! ebpf mode: a dual-stack plan written into maps pinned on a private bpffs, then read
+//! through the binary (`inspect services|conntrack|counters`, `trace`) in both families.
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -405,17 +407,82 @@ impl Drop for Bpffs {
     }
 }
 
-/// The manifests above through the real model, as shunt would see them on node1.
-fn snapshot() -> shunt::model::Snapshot {
+/// IPv6 additions for the ebpf read-back test: the node gets an IPv6 address, an IPv6
+/// service CIDR, and an IPv6 NodePort Service with one endpoint (the same objects kube-proxy
+/// would see on a dual-stack node). Not used by the nftables/iptables runs (their command
+/// line gives an IPv4 cluster CIDR only).
+const MANIFESTS_V6: &str = r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+status:
+  addresses:
+  - type: InternalIP
+    address: 10.0.0.2
+  - type: InternalIP
+    address: fd00::2
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata:
+  name: kubernetes-v6
+spec:
+  cidrs: ["fd00:96::/112"]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  namespace: default
+  name: web6
+spec:
+  type: NodePort
+  clusterIP: fd00:96::10
+  clusterIPs: ["fd00:96::10"]
+  ipFamilies: ["IPv6"]
+  ports:
+  - name: http
+    port: 80
+    protocol: TCP
+    targetPort: 8080
+    nodePort: 30081
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  namespace: default
+  name: web6-1
+  labels:
+    kubernetes.io/service-name: web6
+addressType: IPv6
+endpoints:
+- addresses: ["fd00:244::5"]
+  conditions: {ready: true, serving: true, terminating: false}
+  nodeName: node1
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+"#;
+
+/// The manifests above (both sets) through the real model, as shunt would see them on a
+/// dual-stack node1: the IPv4 and the IPv6 snapshot.
+fn snapshots() -> Vec<shunt::model::Snapshot> {
     use shunt::model::{DetectLocal, IpFamily, NodeConfig, Object, Tracker};
     let mut t = Tracker::new(NodeConfig {
         node_name: "node1".into(),
-        families: vec![IpFamily::V4],
-        detect_local: DetectLocal::ClusterCidr(vec!["10.244.0.0/16".parse().unwrap()]),
+        families: vec![IpFamily::V4, IpFamily::V6],
+        detect_local: DetectLocal::ClusterCidr(vec![
+            "10.244.0.0/16".parse().unwrap(),
+            "fd00:244::/64".parse().unwrap(),
+        ]),
         masquerade_all: false,
-        node_port_addresses: vec!["10.0.0.0/24".parse().unwrap()],
+        node_port_addresses: vec!["10.0.0.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
     });
-    for doc in MANIFESTS.split("\n---\n") {
+    for doc in MANIFESTS
+        .split("\n---\n")
+        .chain(MANIFESTS_V6.split("\n---\n"))
+    {
         let v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
         let obj = match v["kind"].as_str().unwrap() {
             "Node" => Object::Node(Box::new(serde_yaml::from_value(v).unwrap())),
@@ -426,9 +493,12 @@ fn snapshot() -> shunt::model::Snapshot {
         };
         t.apply(obj).unwrap();
     }
-    t.set_local_addresses(vec!["10.0.0.2".parse().unwrap()]);
+    t.set_local_addresses(vec![
+        "10.0.0.2".parse().unwrap(),
+        "fd00::2".parse().unwrap(),
+    ]);
     t.take_update();
-    t.snapshots()[0].clone()
+    t.snapshots().to_vec()
 }
 
 /// ebpf mode: the plan's map operations written into maps pinned on a private bpffs (the
@@ -453,16 +523,21 @@ fn inspect_and_trace_pinned_ebpf_maps() {
     );
     let pins = mnt.0.path().join("shunt");
     std::fs::create_dir(&pins).unwrap();
-    let snap = snapshot();
-    let local = vec!["10.0.0.2".parse().unwrap()];
-    let st = shunt::plan::ebpf::desired(&snap, &local, &Default::default()).unwrap();
+    must(
+        &ns.0,
+        &["ip", "addr", "add", "fd00::2/128", "dev", "lo", "nodad"],
+    );
+    let snaps = snapshots();
+    let local = vec!["10.0.0.2".parse().unwrap(), "fd00::2".parse().unwrap()];
     {
+        use shunt::plan::ebpf::{V4, V6, desired, diff};
+        let st4 = desired::<V4>(&snaps[0], &local, &Default::default()).unwrap();
+        let st6 = desired::<V6>(&snaps[1], &local, &Default::default()).unwrap();
         let mut ebpf = shunt::dataplane::ebpf::load_object(Some(&pins)).expect("load the object");
-        shunt::dataplane::ebpf::apply_ops(
-            &mut ebpf,
-            &shunt::plan::ebpf::diff(&Default::default(), &st),
-        )
-        .expect("write the maps");
+        shunt::dataplane::ebpf::apply_ops::<V4>(&mut ebpf, &diff(&Default::default(), &st4))
+            .expect("write the IPv4 maps");
+        shunt::dataplane::ebpf::apply_ops::<V6>(&mut ebpf, &diff(&Default::default(), &st6))
+            .expect("write the IPv6 maps");
     }
     let pin = pins.to_str().unwrap();
     // `ip netns exec` remounts /sys only: the temp dir's bpffs stays visible.
@@ -473,7 +548,13 @@ fn inspect_and_trace_pinned_ebpf_maps() {
     assert_eq!(doc.mode, "ebpf", "detected from the pins");
     let back: Inspected = serde_json::from_str(&serde_json::to_string(&doc).unwrap()).unwrap();
     assert_eq!(back, doc);
-    let fr = &doc.families[0].frontends;
+    let fam = |name: &str| {
+        doc.families
+            .iter()
+            .find(|f| f.family == name)
+            .unwrap_or_else(|| panic!("{name} in {doc:#?}"))
+    };
+    let fr = &fam("ipv4").frontends;
     let ep: BTreeSet<SocketAddr> = ["10.244.0.5:8080".parse().unwrap()].into();
     let cip = fr
         .iter()
@@ -533,6 +614,57 @@ fn inspect_and_trace_pinned_ebpf_maps() {
     assert_eq!(
         ebpf_trace("10.244.0.9", "10.96.7.7:80", "tcp"),
         [Fate::Drop].into()
+    );
+
+    // IPv6: the SHUNT_*6 maps, the same decisions.
+    let fr6 = &fam("ipv6").frontends;
+    let ep6: BTreeSet<SocketAddr> = ["[fd00:244::5]:8080".parse().unwrap()].into();
+    let cip6 = fr6
+        .iter()
+        .find(|f| f.address == Some("fd00:96::10".parse().unwrap()))
+        .unwrap_or_else(|| panic!("{fr6:#?}"));
+    assert_eq!(
+        (cip6.kind, cip6.port, &cip6.endpoints),
+        (FrontendKind::ClusterIp, 80, &ep6)
+    );
+    let np6 = fr6
+        .iter()
+        .find(|f| f.address == Some("fd00::2".parse().unwrap()) && f.port == 30081)
+        .unwrap_or_else(|| panic!("{fr6:#?}"));
+    assert_eq!(
+        (np6.kind, &np6.endpoints, np6.masquerade),
+        (FrontendKind::NodePort, &ep6, true)
+    );
+    let to6 = |masquerade| {
+        BTreeSet::from([Fate::Endpoint {
+            endpoint: "[fd00:244::5]:8080".parse().unwrap(),
+            masquerade,
+        }])
+    };
+    assert_eq!(
+        ebpf_trace("fd00:244::9", "[fd00:96::10]:80", "tcp"),
+        to6(false),
+        "pod to the IPv6 ClusterIP"
+    );
+    assert_eq!(
+        ebpf_trace("2001:db8::7", "[fd00::2]:30081", "tcp"),
+        to6(true),
+        "off-cluster to the IPv6 NodePort: masqueraded"
+    );
+    assert_eq!(
+        ebpf_trace("fd00:244::9", "[fd00:96::10]:81", "tcp"),
+        [Fate::Reject].into(),
+        "IPv6 ClusterIP, unknown port"
+    );
+    assert_eq!(
+        ebpf_trace("fd00:244::9", "[fd00:96::77]:80", "tcp"),
+        [Fate::Drop].into(),
+        "unallocated IPv6 service address"
+    );
+    assert_eq!(
+        ebpf_trace("fd00:244::9", "[2001:db8::1]:80", "tcp"),
+        [Fate::Untouched { masquerade: false }].into(),
+        "not a Service"
     );
 
     let ct: Vec<serde_json::Value> = json(

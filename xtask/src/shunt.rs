@@ -182,11 +182,22 @@ pub fn args(s: &Scenario, mode: ProxyMode, manifests: &Path, cgroup: Option<&Pat
     a.extend(["--metrics-bind-address".into(), "127.0.0.1:10249".into()]);
     if let Some(cg) = cgroup {
         a.extend(["--cgroup-root".into(), cg.display().to_string()]);
+        a.extend(["--pin-dir".into(), pin_dir_for(cg).display().to_string()]);
     }
     a
 }
 
-/// A cgroup2 directory for ebpf mode, under the machine's cgroup2 mount (never its root).
+/// The bpffs directory a lab's ebpf-mode shunt pins in: named like the lab's cgroup, so two
+/// labs on one machine (a conformance run beside a bench) never adopt or `--cleanup` each
+/// other's maps, and the machine's own /sys/fs/bpf/shunt is never touched.
+pub fn pin_dir_for(cgroup: &Path) -> PathBuf {
+    Path::new(BPFFS).join(cgroup.file_name().unwrap_or_default())
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// A cgroup2 directory for ebpf mode, under the machine's cgroup2 mount (never its root), and
+/// the lab's pin directory ([`pin_dir_for`]) that goes with it: both are removed on drop.
 pub struct Cgroup {
     pub path: PathBuf,
 }
@@ -212,34 +223,54 @@ impl Cgroup {
         Ok(Cgroup { path })
     }
 
-    /// Removes empty `shunt-lab-<pid>-*` cgroups of runs that no longer exist.
+    /// Removes empty `shunt-lab-<pid>-*` cgroups, and the pin directories of the same name,
+    /// of runs that no longer exist.
     pub fn gc() -> usize {
-        let Ok(mount) = cgroup2_mount() else { return 0 };
-        let Ok(dir) = std::fs::read_dir(&mount) else {
-            return 0;
-        };
         let mut n = 0;
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix("shunt-lab-") else {
-                continue;
-            };
-            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-                continue;
-            };
-            if pid != std::process::id()
-                && !Path::new(&format!("/proc/{pid}")).exists()
-                && std::fs::remove_dir(e.path()).is_ok()
-            {
-                n += 1;
-            }
+        if let Ok(mount) = cgroup2_mount() {
+            n += gc_dead_runs(&mount, |p| std::fs::remove_dir(p));
         }
-        n
+        n + gc_dead_runs(Path::new(BPFFS), |p| std::fs::remove_dir_all(p))
     }
+}
+
+/// Removes `shunt-lab-<pid>-*` entries of `dir` whose run (pid) is gone; returns how many.
+fn gc_dead_runs(dir: &Path, remove: impl Fn(&Path) -> std::io::Result<()>) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("shunt-lab-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+            && remove(&e.path()).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
 }
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
+        // The lab's pins first: unpinning its links detaches the programs (a run that did not
+        // end with `--cleanup` leaves them; shunt itself has been reaped by now).
+        let pins = pin_dir_for(&self.path);
+        if pins.exists()
+            && let Err(e) = std::fs::remove_dir_all(&pins)
+        {
+            eprintln!(
+                "warning: could not remove pin directory {}: {e}",
+                pins.display()
+            );
+        }
         // rmdir fails while a process is still inside; shunt has been reaped before we get here.
         for _ in 0..20 {
             if std::fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
@@ -449,7 +480,10 @@ mod tests {
             "{a}"
         );
         assert!(!a.contains("--cluster-cidr"));
-        assert!(a.ends_with("--cgroup-root /cg"));
+        assert!(
+            a.ends_with("--cgroup-root /cg --pin-dir /sys/fs/bpf/cg"),
+            "{a}"
+        );
 
         s.node.zone = Some("z1".into());
         let objs = cluster_objects(&s);

@@ -5,8 +5,8 @@
 //! kube-proxy's too (options.go `Complete`): without `--config` the flags are the
 //! configuration; with `--config` the file replaces it wholesale, and only
 //! `--hostname-override` and the logging flag `-v` still win over the file. Flags that need
-//! no config field (`--cleanup`, `--master`, and shunt's `--manifests`, `--cgroup-root`) are
-//! honoured either way. Flags ignored because of `--config` are listed in
+//! no config field (`--cleanup`, `--master`, and shunt's `--manifests`, `--cgroup-root`,
+//! `--pin-dir`) are honoured either way. Flags ignored because of `--config` are listed in
 //! [`Settings::warnings`] (kube-proxy ignores them silently; its help text says so).
 //!
 //! Nothing here touches the system: [`Settings::from_args`] takes the host facts it needs as
@@ -33,7 +33,10 @@ pub const DEFAULT_METRICS_PORT: u16 = 10249;
 pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
 
-/// shunt's command line: kube-proxy's flags plus `--manifests` and `--cgroup-root`.
+/// Where ebpf mode pins its maps and links unless `--pin-dir` says otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/shunt";
+
+/// shunt's command line: kube-proxy's flags plus `--manifests`, `--cgroup-root`, `--pin-dir`.
 #[derive(Debug, Parser)]
 #[command(
     name = "shunt",
@@ -45,8 +48,8 @@ pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
 pub struct Cli {
     /// The path to the configuration file (KubeProxyConfiguration
     /// kubeproxy.config.k8s.io/v1alpha1, YAML or JSON). When given, the file replaces the
-    /// flags below except --hostname-override, -v, --master, --cleanup, --manifests and
-    /// --cgroup-root, as kube-proxy does.
+    /// flags below except --hostname-override, -v, --master, --cleanup, --manifests,
+    /// --cgroup-root and --pin-dir, as kube-proxy does.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -146,6 +149,12 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub cgroup_root: Option<PathBuf>,
 
+    /// shunt only: the bpffs directory ebpf mode pins its maps and links in (and adopts
+    /// them from on restart; `--cleanup` removes it). One node runs one shunt, so the default
+    /// suits a DaemonSet; a separate directory lets several shunts share one machine (labs).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+
     /// shunt only: which iptables backend iptables mode drives: 'auto' (whichever the node
     /// already uses, as kube-proxy's image picks it), 'legacy' or 'nft'.
     #[arg(long, value_name = "auto|legacy|nft", default_value = "auto")]
@@ -218,6 +227,8 @@ pub struct Settings {
     pub master: Option<String>,
     pub manifests: Option<PathBuf>,
     pub cgroup_root: Option<PathBuf>,
+    /// `--pin-dir`
+    pub pin_dir: PathBuf,
     /// `--iptables-backend`
     pub iptables_backend: crate::dataplane::iptables::BackendChoice,
     /// klog verbosity level.
@@ -531,6 +542,7 @@ impl Settings {
                     reason: "must be auto, legacy or nft".into(),
                 })?,
             cgroup_root: cli.cgroup_root.clone(),
+            pin_dir: cli.pin_dir.clone(),
             verbosity: raw.verbosity,
             warnings,
         })

@@ -104,6 +104,13 @@ fn flag_values_table() {
     let s = parse(&["--proxy-mode", "ebpf", "--cgroup-root", "/sys/fs/cgroup"]).unwrap();
     assert_eq!(s.mode, ProxyMode::Ebpf);
     assert_eq!(s.cgroup_root, Some(PathBuf::from("/sys/fs/cgroup")));
+    assert_eq!(
+        s.pin_dir,
+        PathBuf::from("/sys/fs/bpf/shunt"),
+        "default pin dir"
+    );
+    let s = parse(&["--proxy-mode", "ebpf", "--pin-dir", "/sys/fs/bpf/lab1"]).unwrap();
+    assert_eq!(s.pin_dir, PathBuf::from("/sys/fs/bpf/lab1"));
     let s = parse(&["--detect-local-mode", "None"]).unwrap();
     assert_eq!(s.node.detect_local, DetectLocal::None);
     let s = parse(&["--nodeport-addresses", "primary"]).unwrap();

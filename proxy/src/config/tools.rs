@@ -71,7 +71,7 @@ pub struct Common {
     #[arg(long, value_name = "auto|legacy|nft", default_value = "auto")]
     pub iptables_backend: String,
     /// ebpf mode: where the maps are pinned.
-    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/shunt")]
+    #[arg(long, value_name = "DIR", default_value = super::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
 }
 

@@ -19,6 +19,7 @@ use super::conntrack::Conntrack;
 use super::{Changed, Dataplane, DataplaneError, SyncOutcome, SyncRequest};
 use crate::model::{IpFamily, ServiceKey, Snapshot};
 use crate::plan::conntrack::{cleanup_needed, deleted_udp_ports};
+use crate::plan::iptables::nft_cache::want_whole_table_cache;
 use crate::plan::iptables::render::{parse_saved_chains, render_delete};
 use crate::plan::iptables::{
     CHAIN_PREFIX, ChainId, JumpRule, RenderScope, Table, build, jump_rules, render,
@@ -87,6 +88,9 @@ pub struct IptablesOptions {
 struct FamilyState {
     ownership: BTreeMap<ServiceKey, BTreeSet<ChainId>>,
     snapshot: Snapshot,
+    /// Rules per table the kernel holds after that sync (ours), for the nft backend's cache
+    /// decision of the next partial restore.
+    rules: BTreeMap<Table, u64>,
 }
 
 pub struct IptablesDataplane {
@@ -224,6 +228,8 @@ impl IptablesDataplane {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `iptables-restore -w --noflush`. Its stdout is dropped: it only carries the listing a
+    /// whole-table cache request (`-S`, see plan::iptables::nft_cache) prints.
     fn restore(
         &self,
         backend: Backend,
@@ -277,22 +283,26 @@ impl IptablesDataplane {
     ) -> Result<BTreeMap<Table, u64>, DataplaneError> {
         let family = snap.network.family;
         let rs = build(snap);
-        let restore = match (full, changed, self.families.get(&family)) {
-            (false, Changed::Services(services), Some(prev)) => render(
-                &rs,
-                RenderScope::Partial {
-                    services,
-                    previous: &prev.ownership,
-                },
-            ),
+        // Rules each table holds before this restore: what a whole-table cache request would
+        // make iptables-nft list (see plan::iptables::nft_cache).
+        let mut table_rules: BTreeMap<Table, u64> = BTreeMap::new();
+        let mut restore = match (full, changed, self.families.get(&family)) {
+            (false, Changed::Services(services), Some(prev)) => {
+                table_rules = prev.rules.clone();
+                render(
+                    &rs,
+                    RenderScope::Partial {
+                        services,
+                        previous: &prev.ownership,
+                    },
+                )
+            }
             _ => {
                 let mut existing = BTreeSet::new();
                 for t in Table::ALL {
-                    existing.extend(parse_saved_chains(&self.save(
-                        self.backend,
-                        family,
-                        Some(t),
-                    )?));
+                    let save = self.save(self.backend, family, Some(t))?;
+                    table_rules.insert(t, rule_lines(&save) as u64);
+                    existing.extend(parse_saved_chains(&save));
                 }
                 if let Some(prev) = self.families.get(&family) {
                     existing.extend(prev.ownership.values().flatten().cloned());
@@ -305,6 +315,23 @@ impl IptablesDataplane {
                 )
             }
         };
+        if self.backend == Backend::Nft {
+            // iptables-nft's per-name cache request is quadratic in the chains a block names
+            // (cache_chain_list_insert in iptables/nft-cache.c): a full restore at 10,000
+            // Services did not finish in 7 minutes. Ask for the whole table instead where
+            // that is cheaper (plan::iptables::nft_cache has the source lines and figures).
+            let wanted: Vec<Table> = restore
+                .blocks
+                .iter()
+                .filter(|(t, (_, m))| {
+                    want_whole_table_cache(*m, table_rules.get(t).copied().unwrap_or(0))
+                })
+                .map(|(t, _)| *t)
+                .collect();
+            for t in wanted {
+                restore.request_whole_table_cache(t);
+            }
+        }
         self.restore(self.backend, family, &restore.text)?;
         if full {
             self.ensure_jumps(family)?;
@@ -321,6 +348,7 @@ impl IptablesDataplane {
             FamilyState {
                 ownership: rs.ownership(),
                 snapshot: snap.clone(),
+                rules: rs.rule_counts(),
             },
         );
         Ok(rs.rule_counts())

@@ -1,31 +1,36 @@
-//! ebpf mode: the frontends of the userspace-owned maps (`plan::ebpf::State4`, read back from
-//! the pins or computed by the plan), and a tracer that follows the decisions of the kernel
-//! programs (ebpf/src/programs.rs) over that content for a new connection.
+//! ebpf mode: the frontends of the userspace-owned maps (`plan::ebpf::State<F>`, read back
+//! from the pins or computed by the plan), and a tracer that follows the decisions of the
+//! kernel programs (ebpf/src/programs.rs) over that content for a new connection.
+//!
+//! Written once for both families, like the programs (`programs.rs` is generic over its
+//! `Fam` trait, the plan over [`Family`]): the two families' maps have the same shapes and
+//! the programs take the same decisions on them; only the address width differs.
 //!
 //! Which program sees the packet: a packet from a node address is node-originated; its
-//! socket goes through `connect4`/`sendmsg4` (translation of the destination at the socket:
-//! no masquerade, a refusal is ECONNREFUSED, a drop EPERM), except when the frontend is a
-//! node address (`NODE_ADDRESS`) and the tc program is attached to `lo`
-//! (`HOST_NETNS[LOOPBACK]`): then tc on loopback handles it as a local source (masqueraded,
-//! INTERNAL scope). Any other packet crosses tc ingress. SCTP and non-TCP/UDP packets are not
-//! parsed by the programs: untouched.
+//! socket goes through `connect4`/`sendmsg4` (`connect6`/`sendmsg6`: translation of the
+//! destination at the socket: no masquerade, a refusal is ECONNREFUSED, a drop EPERM),
+//! except when the frontend is a node address (`NODE_ADDRESS`) and the tc program is
+//! attached to `lo` (`HOST_NETNS[LOOPBACK]`): then tc on loopback handles it as a local
+//! source (masqueraded, INTERNAL scope). Any other packet crosses tc ingress. SCTP and
+//! non-TCP/UDP packets are not parsed by the programs: untouched.
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 
-use ipnet::{IpNet, Ipv4Net};
-use shunt_abi::{Service4Key, Service4Value, scope, svc_flags};
+use ipnet::IpNet;
+use shunt_abi::{Lpm, Service4Value, ServiceKey, scope, svc_flags};
 
 use super::view::{FamilyView, FrontendKind, FrontendView, NoEndpoints, family_name};
-use super::{Fate, Packet, Proto};
-use crate::model::IpFamily;
-use crate::plan::ebpf::State4;
+use super::{Fate, InspectError, Packet, Proto};
+use crate::model::{IpFamily, Protocol};
+use crate::plan::ebpf::{Family, MapOp, State, State4, State6, Trie, V4, V6};
 
-fn ip4(wire: u32) -> Ipv4Addr {
-    Ipv4Addr::from(wire.to_ne_bytes())
-}
+/// A plan family whose addresses convert to [`IpAddr`] (both do; the bound names it once
+/// here instead of at every function).
+pub trait Fam: Family<Ip: Into<IpAddr>> {}
+impl<F: Family<Ip: Into<IpAddr>>> Fam for F {}
 
-fn wire(a: Ipv4Addr) -> u32 {
-    shunt_abi::addr4(a.octets())
+fn ip<F: Fam>(w: F::Wire) -> IpAddr {
+    F::from_wire(w).into()
 }
 
 fn proto_of(n: u8) -> Option<Proto> {
@@ -37,42 +42,50 @@ fn proto_of(n: u8) -> Option<Proto> {
     }
 }
 
-fn lpm_contains(set: &BTreeSet<crate::plan::ebpf::Lpm4Ord>, a: Ipv4Addr) -> bool {
-    set.iter().any(|c| {
-        Ipv4Net::new(ip4(c.addr), c.prefix_len.min(32) as u8).is_ok_and(|n| n.contains(&a))
-    })
+/// An LPM entry as a CIDR (None for a prefix longer than the family's address).
+fn net<F: Fam>(addr: F::Wire, prefix_len: u32) -> Option<IpNet> {
+    let len = u8::try_from(prefix_len)
+        .ok()
+        .filter(|l| u32::from(*l) <= F::BITS)?;
+    IpNet::new(ip::<F>(addr), len).ok()
 }
 
-fn backends_of(st: &State4, k: &Service4Key, v: &Service4Value) -> Vec<SocketAddr> {
+/// The trie lookup of the programs (`F::lcidr().get(Key::new(F::BITS, addr))`): some entry
+/// covers `a`.
+fn lpm_contains<F: Fam>(set: &BTreeSet<Lpm<F::Wire>>, a: IpAddr) -> bool {
+    set.iter()
+        .any(|c| net::<F>(c.addr, c.prefix_len).is_some_and(|n| n.contains(&a)))
+}
+
+fn backends_of<F: Fam>(
+    st: &State<F>,
+    k: &ServiceKey<F::Wire>,
+    v: &Service4Value,
+) -> Vec<SocketAddr> {
     (1..=v.count)
         .filter_map(|slot| {
-            let sk = Service4Key {
+            let sk = ServiceKey {
                 backend_slot: slot,
                 ..*k
             };
             let id = st.services.get(&sk)?.backend_id;
             let b = st.backends.get(&id)?;
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                ip4(b.addr),
-                u16::from_be(b.port),
-            )))
+            Some(SocketAddr::new(ip::<F>(b.addr), u16::from_be(b.port)))
         })
         .collect()
 }
 
-fn ranges_of(st: &State4, rev_nat_id: u16) -> BTreeSet<IpNet> {
+/// The source ranges of a frontend: the trie's prefix counts 32 id bits before the address.
+fn ranges_of<F: Fam>(st: &State<F>, rev_nat_id: u16) -> BTreeSet<IpNet> {
     st.src_ranges
         .iter()
         .filter(|(_, r)| r.rev_nat_id == rev_nat_id)
-        .filter_map(|(plen, r)| {
-            let bits = plen.saturating_sub(shunt_abi::SRC_RANGE_ID_BITS).min(32) as u8;
-            Ipv4Net::new(ip4(r.addr), bits).ok().map(IpNet::V4)
-        })
+        .filter_map(|(plen, r)| net::<F>(r.addr, plen.saturating_sub(shunt_abi::SRC_RANGE_ID_BITS)))
         .collect()
 }
 
 /// The frontends of `st` (slot-0 entries; the INTERNAL scope folds into its EXTERNAL twin).
-pub fn view(st: &State4) -> FamilyView {
+pub fn view<F: Fam>(st: &State<F>) -> FamilyView {
     let mut frontends = Vec::new();
     for (k, v) in st
         .services
@@ -93,7 +106,7 @@ pub fn view(st: &State4) -> FamilyView {
         let mut endpoints = external.clone();
         let mut external_endpoints = None;
         if v.flags & svc_flags::TWO_SCOPES != 0 {
-            let ik = Service4Key {
+            let ik = ServiceKey {
                 scope: scope::INTERNAL,
                 ..*k
             };
@@ -107,7 +120,7 @@ pub fn view(st: &State4) -> FamilyView {
         let mut f = FrontendView {
             service: None,
             kind,
-            address: Some(IpAddr::V4(ip4(k.addr))),
+            address: Some(ip::<F>(k.addr)),
             port: u16::from_be(k.dport),
             protocol,
             endpoints,
@@ -115,7 +128,7 @@ pub fn view(st: &State4) -> FamilyView {
             no_endpoints: None,
             affinity_seconds: (v.flags & svc_flags::AFFINITY != 0).then_some(v.affinity_timeout),
             source_ranges: BTreeSet::new(),
-            masquerade: st.node_ip != 0
+            masquerade: st.node_ip != F::Wire::default()
                 && v.flags & (svc_flags::MASQUERADE | svc_flags::MASQUERADE_ALL) != 0,
         };
         if v.count == 0
@@ -136,7 +149,7 @@ pub fn view(st: &State4) -> FamilyView {
     }
     frontends.sort();
     FamilyView {
-        family: family_name(IpFamily::V4).into(),
+        family: family_name(F::FAMILY).into(),
         node_port_addresses: None,
         frontends,
     }
@@ -151,23 +164,35 @@ pub struct Host {
     pub loopback_attached: bool,
 }
 
-/// The fates of a new connection's first packet, with the reasons, as the programs decide.
-pub fn trace(st: &State4, host: &Host, p: &Packet) -> (BTreeSet<Fate>, Vec<String>) {
+/// The fates of a new connection's first packet of family `F`, with the reasons, as the
+/// programs decide (`new_flow`/`miss` of the tc program, `sock_forward` of the socket
+/// programs). A packet of the other family is an error: the caller picks the family's maps.
+pub fn trace<F: Fam>(
+    st: &State<F>,
+    host: &Host,
+    p: &Packet,
+) -> Result<(BTreeSet<Fate>, Vec<String>), InspectError> {
+    let (Some(_), Some(dst)) = (F::ip(&p.src), F::ip(&p.dst)) else {
+        return Err(InspectError::Trace(format!(
+            "{} -> {} is not an {} packet",
+            p.src,
+            p.dst,
+            family_name(F::FAMILY)
+        )));
+    };
+    let maps = F::MAPS;
+    let dst_wire = F::wire(dst);
     let mut why = Vec::new();
     let one = |f: Fate| BTreeSet::from([f]);
-    let (IpAddr::V4(src), IpAddr::V4(dst)) = (p.src, p.dst) else {
-        why.push("IPv6: the programs translate IPv4 only; the packet is not parsed".into());
-        return (one(Fate::Untouched { masquerade: false }), why);
-    };
     if !matches!(p.protocol, Proto::Tcp | Proto::Udp) {
         why.push(format!(
             "{}: the programs parse TCP and UDP only; the packet passes untranslated",
             p.protocol.as_str()
         ));
-        return (one(Fate::Untouched { masquerade: false }), why);
+        return Ok((one(Fate::Untouched { masquerade: false }), why));
     }
-    let key = Service4Key {
-        addr: wire(dst),
+    let key = ServiceKey {
+        addr: dst_wire,
         dport: p.dport.to_be(),
         proto: Protocol::from(p.protocol).number(),
         scope: scope::EXTERNAL,
@@ -178,33 +203,41 @@ pub fn trace(st: &State4, host: &Host, p: &Packet) -> (BTreeSet<Fate>, Vec<Strin
     let svc = st.services.get(&key).copied();
     let via_socket = from_node
         && !(host.loopback_attached && svc.is_some_and(|s| s.flags & svc_flags::NODE_ADDRESS != 0));
+    let (connect, sendmsg) = match F::FAMILY {
+        IpFamily::V4 => ("connect4", "sendmsg4"),
+        IpFamily::V6 => ("connect6", "sendmsg6"),
+    };
     if via_socket {
-        why.push("node-originated: translated at the socket (cgroup connect4/sendmsg4)".into());
+        why.push(format!(
+            "node-originated: translated at the socket (cgroup {connect}/{sendmsg})"
+        ));
     } else if from_node {
         why.push("node-originated to a node address: tc on lo, as a local source".into());
     } else {
         why.push("tc ingress".into());
     }
     let Some(mut s) = svc else {
-        if st.cluster_ips.contains(&wire(dst)) {
+        if st.cluster_ips.contains(&dst_wire) {
             why.push(format!(
-                "{dst} is a ClusterIP (SHUNT_CIP4) without this port/protocol: reject"
+                "{} is a ClusterIP ({}) without this port/protocol: reject",
+                p.dst, maps.cluster_ip
             ));
-            return (one(Fate::Reject), why);
+            return Ok((one(Fate::Reject), why));
         }
-        if lpm_contains(&st.service_cidrs, dst) {
+        if lpm_contains::<F>(&st.service_cidrs, p.dst) {
             why.push(format!(
-                "{dst} is in a service CIDR (SHUNT_SCIDR4) but no Service's: drop"
+                "{} is in a service CIDR ({}) but no Service's: drop",
+                p.dst, maps.service_cidr
             ));
-            return (one(Fate::Drop), why);
+            return Ok((one(Fate::Drop), why));
         }
-        why.push("no frontend in SHUNT_SVC4: not a Service".into());
-        return (one(Fate::Untouched { masquerade: false }), why);
+        why.push(format!("no frontend in {}: not a Service", maps.services));
+        return Ok((one(Fate::Untouched { masquerade: false }), why));
     };
     let mut key = key;
-    let pod_src = lpm_contains(&st.local_cidrs, src);
+    let pod_src = lpm_contains::<F>(&st.local_cidrs, p.src);
     if s.flags & svc_flags::TWO_SCOPES != 0 && (from_node || pod_src) {
-        let ik = Service4Key {
+        let ik = ServiceKey {
             scope: scope::INTERNAL,
             ..key
         };
@@ -218,28 +251,30 @@ pub fn trace(st: &State4, host: &Host, p: &Packet) -> (BTreeSet<Fate>, Vec<Strin
         let ranges = ranges_of(st, s.rev_nat_id);
         if !ranges.iter().any(|r| r.contains(&p.src)) {
             why.push(format!(
-                "source {src} outside loadBalancerSourceRanges {ranges:?}: drop"
+                "source {} outside loadBalancerSourceRanges {ranges:?} ({}): drop",
+                p.src, maps.src_range
             ));
-            return (one(Fate::Drop), why);
+            return Ok((one(Fate::Drop), why));
         }
     }
     if s.count == 0 {
         if s.flags & svc_flags::REJECT_NO_ENDPOINTS != 0 {
             why.push("no endpoints: reject".into());
-            return (one(Fate::Reject), why);
+            return Ok((one(Fate::Reject), why));
         }
         why.push("no endpoints for this traffic policy: drop".into());
-        return (one(Fate::Drop), why);
+        return Ok((one(Fate::Drop), why));
     }
     let backends = backends_of(st, &key, &s);
     why.push(format!(
-        "frontend rev_nat_id {} flags {:#x}: {} backend slot(s)",
-        s.rev_nat_id, s.flags, s.count
+        "frontend rev_nat_id {} flags {:#x}: {} backend slot(s) in {}",
+        s.rev_nat_id, s.flags, s.count, maps.services
     ));
     let mut fates = BTreeSet::new();
     for be in backends {
+        // `new_flow`: masquerade needs the family's node address (`SHUNT_CFG4`/`6`).
         let masquerade = !via_socket
-            && st.node_ip != 0
+            && st.node_ip != F::Wire::default()
             && (from_node
                 || s.flags & svc_flags::MASQUERADE_ALL != 0
                 || (s.flags & svc_flags::MASQUERADE != 0 && !pod_src)
@@ -249,15 +284,12 @@ pub fn trace(st: &State4, host: &Host, p: &Packet) -> (BTreeSet<Fate>, Vec<Strin
             masquerade,
         });
     }
-    (fates, why)
+    Ok((fates, why))
 }
-
-use crate::model::Protocol;
 
 /// Map content after applying `ops` to `maps` in order, as `dataplane::ebpf::apply_ops`
 /// writes them (pure twin, so that the plan's operations can be read back like pins).
-pub fn apply_ops(maps: &mut State4, ops: &[crate::plan::ebpf::MapOp]) {
-    use crate::plan::ebpf::{MapOp, Trie};
+pub fn apply_ops<F: Fam>(maps: &mut State<F>, ops: &[MapOp<F::Wire>]) {
     for op in ops {
         match op {
             MapOp::SetConfig(c) => maps.node_ip = c.node_ip,
@@ -306,4 +338,46 @@ pub fn apply_ops(maps: &mut State4, ops: &[crate::plan::ebpf::MapOp]) {
         }
     }
     crate::plan::ebpf::ids_from_maps(maps);
+}
+
+/// Both families' maps (None: that family's maps are not pinned, e.g. pins adopted from a
+/// shunt that predates IPv6 and not yet recreated).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Maps {
+    pub v4: Option<State4>,
+    pub v6: Option<State6>,
+}
+
+impl Maps {
+    /// One view per family present.
+    pub fn views(&self) -> Vec<FamilyView> {
+        let mut out = Vec::new();
+        out.extend(self.v4.as_ref().map(view));
+        out.extend(self.v6.as_ref().map(view));
+        out
+    }
+
+    /// The view of `family`, if its maps are present.
+    pub fn view_of(&self, family: IpFamily) -> Option<FamilyView> {
+        match family {
+            IpFamily::V4 => self.v4.as_ref().map(view),
+            IpFamily::V6 => self.v6.as_ref().map(view),
+        }
+    }
+
+    /// [`trace`] through the maps of the packet's family.
+    pub fn trace(
+        &self,
+        host: &Host,
+        p: &Packet,
+    ) -> Result<(BTreeSet<Fate>, Vec<String>), InspectError> {
+        let missing = || InspectError::FamilyMissing {
+            mode: "ebpf".into(),
+            family: family_name(p.family()).into(),
+        };
+        match p.family() {
+            IpFamily::V4 => trace::<V4>(self.v4.as_ref().ok_or_else(missing)?, host, p),
+            IpFamily::V6 => trace::<V6>(self.v6.as_ref().ok_or_else(missing)?, host, p),
+        }
+    }
 }

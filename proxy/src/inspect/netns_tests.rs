@@ -2,8 +2,10 @@
 //! creates and always deletes (nft tables, iptables chains in both backends), read back with
 //! the real tools, parsed, and checked: the read-back equals what the plan programmed, the
 //! views round-trip through JSON, and every scenario packet traces to its verdict. For ebpf:
-//! the maps pinned on a private bpffs mount, written with the plan's operations and read back
-//! from the pins. Skips (saying why) when not root or a tool is missing.
+//! the scenario's family's maps (IPv4 or IPv6) pinned on a private bpffs mount, written with
+//! the dataplane's map writer from the plan's operations, read back from the pins (equal to
+//! the plan; the other family's maps pinned and empty), and every packet traced through them
+//! as through the plan. Skips (saying why) when not root or a tool is missing.
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -236,8 +238,24 @@ impl Drop for Bpffs {
     }
 }
 
+/// Family `F`'s plan of `snap` written with the dataplane's map writer into a fresh object
+/// pinned under `pins` (the object dropped afterwards: the pins keep the maps, as after
+/// shunt exits); returns the planned content.
+fn pin_plan<F: crate::dataplane::ebpf::KernelFamily + super::ebpf::Fam>(
+    snap: &crate::model::Snapshot,
+    local: &[std::net::IpAddr],
+    pins: &std::path::Path,
+) -> crate::plan::ebpf::State<F> {
+    let (planned, ops) = super::scenario_tests::program_ebpf::<F>(snap, local);
+    let mut ebpf = crate::dataplane::ebpf::load_object(Some(pins)).expect("load");
+    crate::dataplane::ebpf::apply_ops::<F>(&mut ebpf, &ops).expect("write maps");
+    planned
+}
+
 #[test]
 fn ebpf_maps_read_back_from_pins_equal_the_plan() {
+    use crate::model::IpFamily;
+    use crate::plan::ebpf::{V4, V6};
     if let Some(why) = skip(&["mount"]) {
         eprintln!("skipping: {why}");
         return;
@@ -246,19 +264,13 @@ fn ebpf_maps_read_back_from_pins_equal_the_plan() {
         eprintln!("skipping: no scenario directory (set SHUNT_SCENARIOS)");
         return;
     };
-    let mut checked = 0;
+    let mut checked = [0, 0];
+    let mut traced = 0;
     for file in files {
         for sc in scenarios(&file) {
             let id = sc["id"].as_str().unwrap();
             let (snap, local) = scenario_snapshot(&sc);
             let prog = program(&snap, &local);
-            let Some(planned) = prog.ebpf else {
-                eprintln!(
-                    "ebpf: skipping {id}: {}",
-                    prog.ebpf_skip.unwrap_or_default()
-                );
-                continue;
-            };
             let mnt = Bpffs(tempfile::tempdir().unwrap());
             let st = Command::new("mount")
                 .args(["-t", "bpf", "bpf"])
@@ -268,28 +280,67 @@ fn ebpf_maps_read_back_from_pins_equal_the_plan() {
             assert!(st.success(), "mount bpffs");
             let pins = mnt.0.path().join("shunt");
             std::fs::create_dir(&pins).unwrap();
-            {
-                let mut ebpf = crate::dataplane::ebpf::load_object(Some(&pins)).expect("load");
-                crate::dataplane::ebpf::apply_ops(
-                    &mut ebpf,
-                    &crate::plan::ebpf::diff(&Default::default(), &planned),
-                )
-                .expect("write maps");
+            let fam = snap.network.family;
+            match fam {
+                IpFamily::V4 => {
+                    pin_plan::<V4>(&snap, &local, &pins);
+                }
+                IpFamily::V6 => {
+                    pin_plan::<V6>(&snap, &local, &pins);
+                }
             }
-            // The object is gone; the pins keep the maps, as after shunt exits.
             let back = super::read::read_ebpf_state(&pins).unwrap_or_else(|e| panic!("{id}: {e}"));
-            assert_eq!(back, planned, "{id}: maps read back from the pins");
+            // The object declares both families' maps: the other one is pinned, and empty.
+            let planned = &prog.ebpf;
+            match fam {
+                IpFamily::V4 => {
+                    assert_eq!(
+                        back.v4, planned.v4,
+                        "{id}: IPv4 maps read back from the pins"
+                    );
+                    assert_eq!(back.v6, Some(Default::default()), "{id}: IPv6 maps empty");
+                }
+                IpFamily::V6 => {
+                    assert_eq!(
+                        back.v6, planned.v6,
+                        "{id}: IPv6 maps read back from the pins"
+                    );
+                    assert_eq!(back.v4, Some(Default::default()), "{id}: IPv4 maps empty");
+                }
+            }
             let doc = Inspected {
                 mode: "ebpf".into(),
-                families: vec![super::ebpf::view(&back)],
+                families: back.views(),
             };
             round_trip(&doc);
+            assert_eq!(
+                back.view_of(fam),
+                planned.view_of(fam),
+                "{id}: the view of the pins is the view of the plan"
+            );
+            let host = super::ebpf::Host {
+                local: local.clone(),
+                loopback_attached: true,
+            };
+            for pv in sc["packets"].as_array().into_iter().flatten() {
+                let p = packet(pv);
+                assert_eq!(
+                    back.trace(&host, &p).unwrap(),
+                    planned.trace(&host, &p).unwrap(),
+                    "{id} :: {}: the pins trace like the plan",
+                    pv["name"]
+                );
+                traced += 1;
+            }
             assert!(super::read::read_ebpf_conntrack(&pins).unwrap().is_empty());
             let counters = super::read::read_ebpf_counters(&pins).unwrap();
             assert_eq!(counters.len(), shunt_abi::stat::COUNT as usize);
-            checked += 1;
+            checked[usize::from(fam == IpFamily::V6)] += 1;
         }
     }
-    eprintln!("ebpf: {checked} scenarios read back from pins");
-    assert!(checked >= 4);
+    eprintln!(
+        "ebpf: {} IPv4 and {} IPv6 scenarios read back from pins, {traced} packets traced",
+        checked[0], checked[1]
+    );
+    assert!(checked[0] >= 4 && checked[1] >= 1, "{checked:?}");
 }

@@ -6,15 +6,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
-use shunt_abi::{Backend4, Config4, RevNat4, Service4Key, Service4Value, SrcRange4, names};
+use shunt_abi::{
+    Backend as BeEntry, Config, CtKey, CtValue, Lpm, RevNat, Service4Value, ServiceKey, SrcRange,
+    names,
+};
 
+use super::ebpf::{Fam, Maps};
 use super::nft::NftTable;
 use super::view::{FamilyView, Inspected};
 use super::{Fate, InspectError, Packet, TraceResult};
 use crate::config::ProxyMode;
 use crate::dataplane::iptables::Backend;
 use crate::model::IpFamily;
-use crate::plan::ebpf::{Lpm4Ord, SrcRange4Ord, State4};
+use crate::plan::ebpf::{Family, State, V4, V6};
 use crate::plan::iptables::tracer::{Outcome, Tracer};
 
 /// Where to look.
@@ -136,67 +140,84 @@ fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> InspectError + '_ {
     move |e| InspectError::Other(format!("reading {name}: {e}"))
 }
 
-/// The userspace-owned maps read back from the pins (no program is loaded).
-pub fn read_ebpf_state(dir: &Path) -> Result<State4, InspectError> {
-    let mut st = State4::default();
-    let cfg: Array<MapData, Config4> =
-        Array::try_from(pinned(dir, names::CONFIG4)?).map_err(map_err(names::CONFIG4))?;
-    st.node_ip = cfg.get(&0, 0).map_err(map_err(names::CONFIG4))?.node_ip;
-    let svc: HashMap<MapData, Service4Key, Service4Value> =
-        HashMap::try_from(pinned(dir, names::SERVICES4)?).map_err(map_err(names::SERVICES4))?;
+/// Family `F`'s userspace-owned maps read back from the pins (no program is loaded; the
+/// names are `F::MAPS`, shunt-abi's `names::V4`/`names::V6`).
+pub fn read_ebpf_family<F: Fam>(dir: &Path) -> Result<State<F>, InspectError> {
+    let m = F::MAPS;
+    let mut st = State::<F>::default();
+    let cfg: Array<MapData, Config<F::Wire>> =
+        Array::try_from(pinned(dir, m.config)?).map_err(map_err(m.config))?;
+    st.node_ip = cfg.get(&0, 0).map_err(map_err(m.config))?.node_ip;
+    let svc: HashMap<MapData, ServiceKey<F::Wire>, Service4Value> =
+        HashMap::try_from(pinned(dir, m.services)?).map_err(map_err(m.services))?;
     for kv in svc.iter() {
-        let (k, v) = kv.map_err(map_err(names::SERVICES4))?;
+        let (k, v) = kv.map_err(map_err(m.services))?;
         st.services.insert(k, v);
     }
-    let be: HashMap<MapData, u32, Backend4> =
-        HashMap::try_from(pinned(dir, names::BACKENDS4)?).map_err(map_err(names::BACKENDS4))?;
+    let be: HashMap<MapData, u32, BeEntry<F::Wire>> =
+        HashMap::try_from(pinned(dir, m.backends)?).map_err(map_err(m.backends))?;
     for kv in be.iter() {
-        let (k, v) = kv.map_err(map_err(names::BACKENDS4))?;
+        let (k, v) = kv.map_err(map_err(m.backends))?;
         st.backends.insert(k, v);
     }
-    let rn: HashMap<MapData, u32, RevNat4> =
-        HashMap::try_from(pinned(dir, names::REVNAT4)?).map_err(map_err(names::REVNAT4))?;
+    let rn: HashMap<MapData, u32, RevNat<F::Wire>> =
+        HashMap::try_from(pinned(dir, m.rev_nat)?).map_err(map_err(m.rev_nat))?;
     for kv in rn.iter() {
-        let (k, v) = kv.map_err(map_err(names::REVNAT4))?;
+        let (k, v) = kv.map_err(map_err(m.rev_nat))?;
         st.rev_nat.insert(k, v);
     }
-    let cip: HashMap<MapData, u32, u32> =
-        HashMap::try_from(pinned(dir, names::CLUSTER_IP4)?).map_err(map_err(names::CLUSTER_IP4))?;
+    let cip: HashMap<MapData, F::Wire, u32> =
+        HashMap::try_from(pinned(dir, m.cluster_ip)?).map_err(map_err(m.cluster_ip))?;
     for k in cip.keys() {
-        st.cluster_ips
-            .insert(k.map_err(map_err(names::CLUSTER_IP4))?);
+        st.cluster_ips.insert(k.map_err(map_err(m.cluster_ip))?);
     }
-    let sr: LpmTrie<MapData, SrcRange4, u8> =
-        LpmTrie::try_from(pinned(dir, names::SRC_RANGE4)?).map_err(map_err(names::SRC_RANGE4))?;
+    let sr: LpmTrie<MapData, SrcRange<F::Wire>, u8> =
+        LpmTrie::try_from(pinned(dir, m.src_range)?).map_err(map_err(m.src_range))?;
     for k in sr.keys() {
-        let k = k.map_err(map_err(names::SRC_RANGE4))?;
-        let d = k.data();
-        st.src_ranges.insert((
-            k.prefix_len(),
-            SrcRange4Ord {
-                rev_nat_id: d.rev_nat_id,
-                addr: d.addr,
-            },
-        ));
+        let k = k.map_err(map_err(m.src_range))?;
+        st.src_ranges.insert((k.prefix_len(), k.data()));
     }
-    for name in [names::SERVICE_CIDR4, names::LOCAL_CIDR4] {
-        let t: LpmTrie<MapData, u32, u8> =
+    for (name, set) in [
+        (m.service_cidr, &mut st.service_cidrs),
+        (m.local_cidr, &mut st.local_cidrs),
+    ] {
+        let t: LpmTrie<MapData, F::Wire, u8> =
             LpmTrie::try_from(pinned(dir, name)?).map_err(map_err(name))?;
         for k in t.keys() {
             let k = k.map_err(map_err(name))?;
-            let c = Lpm4Ord {
+            set.insert(Lpm {
                 prefix_len: k.prefix_len(),
                 addr: k.data(),
-            };
-            if name == names::SERVICE_CIDR4 {
-                st.service_cidrs.insert(c);
-            } else {
-                st.local_cidrs.insert(c);
-            }
+            });
         }
     }
     crate::plan::ebpf::ids_from_maps(&mut st);
     Ok(st)
+}
+
+/// Whether family `F`'s maps are pinned under `dir` (pins adopted from a shunt that
+/// predates IPv6 hold the IPv4 maps only).
+fn family_pinned<F: Family>(dir: &Path) -> bool {
+    dir.join(F::MAPS.services).exists()
+}
+
+/// Both families' userspace-owned maps read back from the pins; a family whose maps are
+/// not pinned is None.
+pub fn read_ebpf_state(dir: &Path) -> Result<Maps, InspectError> {
+    let maps = Maps {
+        v4: family_pinned::<V4>(dir)
+            .then(|| read_ebpf_family::<V4>(dir))
+            .transpose()?,
+        v6: family_pinned::<V6>(dir)
+            .then(|| read_ebpf_family::<V6>(dir))
+            .transpose()?,
+    };
+    if maps.v4.is_none() && maps.v6.is_none() {
+        return Err(InspectError::NothingProgrammed {
+            pin_dir: dir.display().to_string(),
+        });
+    }
+    Ok(maps)
 }
 
 /// `HOST_NETNS[LOOPBACK]`: whether tc is attached to `lo`.
@@ -237,7 +258,7 @@ pub fn detect_mode(target: &Target) -> Result<ProxyMode, InspectError> {
     if nft {
         return Ok(ProxyMode::Nftables);
     }
-    if target.pin_dir.join(names::SERVICES4).exists() {
+    if family_pinned::<V4>(&target.pin_dir) || family_pinned::<V6>(&target.pin_dir) {
         return Ok(ProxyMode::Ebpf);
     }
     if iptables_backend(target.backend).is_some() {
@@ -265,7 +286,7 @@ pub fn inspect(target: &Target) -> Result<Inspected, InspectError> {
                 .map(|(f, t)| super::view::from_iptables(*f, t.chains()))
                 .collect()
         }
-        ProxyMode::Ebpf => vec![super::ebpf::view(&read_ebpf_state(&target.pin_dir)?)],
+        ProxyMode::Ebpf => read_ebpf_state(&target.pin_dir)?.views(),
     };
     if families.is_empty() {
         return Err(InspectError::NothingProgrammed {
@@ -345,13 +366,13 @@ pub fn trace(target: &Target, p: &Packet) -> Result<TraceResult, InspectError> {
             )
         }
         ProxyMode::Ebpf => {
-            let st = read_ebpf_state(&target.pin_dir)?;
+            let maps = read_ebpf_state(&target.pin_dir)?;
+            let view = maps.view_of(family).ok_or_else(missing)?;
             let host = super::ebpf::Host {
                 local: local_addresses()?,
                 loopback_attached: read_ebpf_loopback(&target.pin_dir)?,
             };
-            let (fates, mut why) = super::ebpf::trace(&st, &host, p);
-            let view = super::ebpf::view(&st);
+            let (fates, mut why) = maps.trace(&host, p)?;
             why.extend(super::explain(&view, p));
             return Ok(TraceResult {
                 mode: mode.as_str().into(),
@@ -371,7 +392,7 @@ pub fn trace(target: &Target, p: &Packet) -> Result<TraceResult, InspectError> {
     })
 }
 
-/// One conntrack entry of the ebpf programs (`SHUNT_CT4`).
+/// One conntrack entry of the ebpf programs (`SHUNT_CT4`, `SHUNT_CT6`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct CtEntry {
     pub protocol: String,
@@ -388,21 +409,16 @@ pub struct CtEntry {
     pub backend_id: u32,
 }
 
-/// `shunt inspect conntrack` (ebpf mode).
-pub fn read_ebpf_conntrack(dir: &Path) -> Result<Vec<CtEntry>, InspectError> {
-    use shunt_abi::{Ct4Key, Ct4Value, ct_dir};
-    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-    let sa = |a: u32, p: u16| {
-        SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::from(a.to_ne_bytes()),
-            u16::from_be(p),
-        ))
-    };
-    let ct: HashMap<MapData, Ct4Key, Ct4Value> =
-        HashMap::try_from(pinned(dir, names::CT4)?).map_err(map_err(names::CT4))?;
-    let mut out = Vec::new();
+/// Family `F`'s conntrack entries (`F::MAPS.ct`).
+fn read_ebpf_conntrack_of<F: Fam>(dir: &Path, out: &mut Vec<CtEntry>) -> Result<(), InspectError> {
+    use shunt_abi::ct_dir;
+    use std::net::SocketAddr;
+    let name = F::MAPS.ct;
+    let sa = |a: F::Wire, p: u16| SocketAddr::new(F::from_wire(a).into(), u16::from_be(p));
+    let ct: HashMap<MapData, CtKey<F::Wire>, CtValue<F::Wire>> =
+        HashMap::try_from(pinned(dir, name)?).map_err(map_err(name))?;
     for kv in ct.iter() {
-        let (k, v) = kv.map_err(map_err(names::CT4))?;
+        let (k, v) = kv.map_err(map_err(name))?;
         out.push(CtEntry {
             protocol: match k.proto {
                 6 => "tcp".into(),
@@ -417,10 +433,24 @@ pub fn read_ebpf_conntrack(dir: &Path) -> Result<Vec<CtEntry>, InspectError> {
                 d => format!("unknown({d})"),
             },
             nat: sa(v.nat_addr, v.nat_port),
-            snat: (v.snat_addr != 0).then(|| sa(v.snat_addr, v.snat_port)),
+            // The programs leave the address zero when there is no second rewrite.
+            snat: (v.snat_addr != F::Wire::default()).then(|| sa(v.snat_addr, v.snat_port)),
             rev_nat_id: v.rev_nat_id,
             backend_id: v.backend_id,
         });
+    }
+    Ok(())
+}
+
+/// `shunt inspect conntrack` (ebpf mode): both families' entries (a family whose maps are
+/// not pinned has none).
+pub fn read_ebpf_conntrack(dir: &Path) -> Result<Vec<CtEntry>, InspectError> {
+    let mut out = Vec::new();
+    if family_pinned::<V4>(dir) {
+        read_ebpf_conntrack_of::<V4>(dir, &mut out)?;
+    }
+    if family_pinned::<V6>(dir) {
+        read_ebpf_conntrack_of::<V6>(dir, &mut out)?;
     }
     out.sort();
     Ok(out)

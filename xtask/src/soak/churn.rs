@@ -172,7 +172,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         ),
     );
     // The changes really reached the kernel: the current address of the last ten Services
-    // changed is in the rules (ebpf mode keeps them in maps: the metric stands in).
+    // changed is in the rules (ebpf mode: in the maps, as `shunt inspect` reads them back).
     let recent: Vec<String> = (1..=10)
         .map(|k| (changes - k) % SERVICES)
         .map(|i| moving_ip(i, generation[i]))

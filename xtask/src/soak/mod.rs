@@ -173,10 +173,9 @@ impl Ctx<'_> {
     }
 
     /// shunt's state in the node: nft tables called `shunt*`, iptables `SHUNT-` chains through
-    /// either iptables backend, or (ebpf) pins under /sys/fs/bpf/shunt, minus what was there
-    /// before the scenario started (`w.before`): the pin directory is the machine's (shunt
-    /// joins only the node's network namespace, LAB-NOTES), so another lab's ebpf-mode shunt
-    /// on the same machine may have pins there that this run's `--cleanup` must not touch.
+    /// either iptables backend, or (ebpf) pins in the lab's own pin directory
+    /// ([`shunt::pin_dir_for`]), minus what was there before the scenario started (`w.before`),
+    /// so only what this scenario's shunt created is counted.
     fn leftovers(&self, w: &Work) -> Result<usize> {
         Ok(self
             .state_entries()?
@@ -203,7 +202,12 @@ impl Ctx<'_> {
             ProxyMode::Nftables => lines(self.lab.node.sh("nft list tables")?, |l| {
                 l.contains("shunt")
             }),
-            ProxyMode::Ebpf => std::fs::read_dir("/sys/fs/bpf/shunt").map_or(Vec::new(), |d| {
+            ProxyMode::Ebpf => std::fs::read_dir(
+                self.cgroup
+                    .map(shunt::pin_dir_for)
+                    .context("ebpf mode runs with a lab cgroup")?,
+            )
+            .map_or(Vec::new(), |d| {
                 d.flatten()
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
@@ -211,8 +215,10 @@ impl Ctx<'_> {
         })
     }
 
-    /// The programmed rules as text (nft ruleset, or iptables-save of both backends); None in
-    /// ebpf mode, whose state is in BPF maps.
+    /// The programmed state as text: nft ruleset, iptables-save of both backends, or in ebpf
+    /// mode the frontends and endpoints read back from the lab's pinned maps by shunt's own
+    /// `shunt inspect services -o json` (conntrack and counters, which move with traffic, are
+    /// not part of it). None only when that cannot be read.
     pub fn rules_dump(&self) -> Result<Option<String>> {
         Ok(match self.mode {
             ProxyMode::Nftables => Some(self.lab.node.sh("nft list ruleset")?),
@@ -222,7 +228,21 @@ impl Ctx<'_> {
                     .sh("for t in iptables-legacy-save iptables-nft-save; do \
                  command -v $t >/dev/null && $t 2>/dev/null; done; true")?,
             ),
-            ProxyMode::Ebpf => None,
+            ProxyMode::Ebpf => {
+                let Some(pins) = self.cgroup.map(shunt::pin_dir_for) else {
+                    return Ok(None);
+                };
+                // nsenter, not `ip netns exec`: that remounts /sys and hides the pins.
+                Some(netns::run(
+                    std::process::Command::new("nsenter")
+                        .arg(format!("--net={}", self.lab.node.path()))
+                        .arg("--")
+                        .arg(self.bin)
+                        .args(["inspect", "services", "--proxy-mode", "ebpf", "--pin-dir"])
+                        .arg(&pins)
+                        .args(["-o", "json"]),
+                )?)
+            }
         })
     }
 

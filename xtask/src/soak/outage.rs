@@ -7,8 +7,8 @@
 //!
 //! * the dataplane is unchanged during the outage: requests to web and web-np keep working
 //!   (0 failed over the whole run), `late` still refuses, and the programmed rules are
-//!   identical at the end of the outage (nftables/iptables, counters aside; ebpf keeps its
-//!   state in maps, checked by traffic only);
+//!   identical at the end of the outage (nftables/iptables rules, counters aside; in ebpf
+//!   mode the frontends and endpoints `shunt inspect services` reads back from the maps);
 //! * converged within 1 s of the API's return: `late` answers (the kernel carries the
 //!   endpoint added while the API was down) within 1 s of the double serving again. Measured
 //!   by probing every ~20 ms with a 50 ms connect timeout (a refusal comes back at once).
@@ -231,7 +231,7 @@ pub fn run(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         _ => rep.check(
             !late_during,
             "dataplane unchanged during the outage",
-            &format!("ebpf: maps not dumped, traffic only; {LATE} reachable during the outage: {late_during}"),
+            &format!("state not readable, traffic only; {LATE} reachable during the outage: {late_during}"),
         ),
     }
     let ms = |d: Option<Duration>| {

@@ -50,12 +50,13 @@ use crate::model::{
     Snapshot,
 };
 
+pub mod nft_cache;
 pub mod render;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod tracer;
 
-pub use render::{RenderScope, Restore, render};
+pub use render::{ChainMentions, RenderScope, Restore, render};
 
 /// Every chain shunt creates starts with this (so cleanup can find them in iptables-save).
 pub const CHAIN_PREFIX: &str = "SHUNT-";

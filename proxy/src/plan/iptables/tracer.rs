@@ -545,7 +545,8 @@ fn load(text: &str, saved: bool) -> Result<Chains, TraceError> {
             rules.push(args.to_vec());
         } else if let Some(name) = line.strip_prefix("-X ") {
             chains.remove(&(table, name.to_string()));
-        } else if !(line == "COMMIT" || line.is_empty()) {
+        } else if !(line == "COMMIT" || line.is_empty() || (!saved && line == "-S")) {
+            // `-S` in a restore input is nft_cache's whole-table cache request: it only lists.
             return Err(bad(line, "unexpected line"));
         }
     }

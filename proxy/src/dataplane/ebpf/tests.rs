@@ -846,7 +846,11 @@ fn direct_connection_reusing_a_vip_flow_port_is_not_reverse_natted() {
     let direct = packet(TCP, CLIENT, 40000, pod, 8080, SYN);
     assert_eq!(run(&mut ebpf, &direct), (TCX_NEXT, direct));
     let synack = packet(TCP, pod, 8080, CLIENT, 40000, SYN | ACK);
-    assert_eq!(run(&mut ebpf, &synack), (TCX_NEXT, synack.clone()), "direct reply untouched");
+    assert_eq!(
+        run(&mut ebpf, &synack),
+        (TCX_NEXT, synack.clone()),
+        "direct reply untouched"
+    );
 
     // The port reused for the VIP again: a new flow, reverse-NATed again.
     let (rc, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
@@ -868,7 +872,11 @@ fn ipv6_direct_connection_reusing_a_vip_flow_port_is_not_reverse_natted() {
     let direct = packet6(TCP, CLIENT6, 40000, BE6, 8080, SYN);
     assert_eq!(run(&mut ebpf, &direct), (TCX_NEXT, direct));
     let synack = packet6(TCP, BE6, 8080, CLIENT6, 40000, SYN | ACK);
-    assert_eq!(run(&mut ebpf, &synack), (TCX_NEXT, synack.clone()), "direct reply untouched");
+    assert_eq!(
+        run(&mut ebpf, &synack),
+        (TCX_NEXT, synack.clone()),
+        "direct reply untouched"
+    );
 
     let (rc, out) = run(&mut ebpf, &packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN));
     assert_eq!((rc, daddr6(&out)), (TCX_NEXT, v6(BE6)));

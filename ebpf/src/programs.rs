@@ -1100,6 +1100,7 @@ fn to_loopback(ctx: &TcContext) -> i32 {
 /// address inside a service CIDR (it is unallocated).
 #[inline(always)]
 fn miss<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Step {
+    forget_stale_service_flow::<F>(p);
     if F::cip().get_ptr(&p.daddr).is_some() {
         count(stat::REJECT_INVALID_PORT, ctx.len());
         return Step::Reject;
@@ -1109,6 +1110,51 @@ fn miss<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Step {
         return Step::Verdict(TCX_DROP);
     }
     Step::Verdict(TCX_NEXT)
+}
+
+/// A packet that is not service traffic (no conntrack entry, no frontend) whose reversed
+/// tuple has a REPLY entry: a connection straight to a backend that reuses the 4-tuple a
+/// service flow had after its DNAT (a client reusing its source port for the pod right
+/// after a connection through the VIP). Conntrack entries have no TCP state or timeout, so
+/// that REPLY entry would otherwise rewrite the backend's answers to this direct connection
+/// to come from the frontend, and the client would reset them. Netfilter tells the two
+/// apart by conntrack state; like Cilium's lb/ct logic (a non-service packet never takes a
+/// service flow's entries), the stale service flow is forgotten here: its REPLY entry and
+/// its FORWARD entry (which names the frontend; without its REPLY entry it would DNAT
+/// packets whose answers are not reverse-NATed), so a later connection through the
+/// frontend from the same port is a new flow with both entries again. One extra hash
+/// lookup on packets that are not service traffic; deleting happens only on such a reuse.
+#[inline(never)]
+fn forget_stale_service_flow<F: Fam>(p: &Pkt<F::A>) {
+    let rev = CtKey {
+        saddr: p.daddr,
+        daddr: p.saddr,
+        sport: p.dport,
+        dport: p.sport,
+        proto: p.proto,
+        pad: [0; 3],
+    };
+    let Some(ct) = F::ct().get_ptr(&rev) else {
+        return;
+    };
+    // SAFETY: map value pointer valid for this program run.
+    let ct = unsafe { *ct };
+    if ct.dir != ct_dir::REPLY {
+        return;
+    }
+    // The FORWARD key is the client's original tuple: the pre-masquerade source kept in
+    // the REPLY entry when the flow was masqueraded, else this packet's source.
+    let masqueraded = !is_zero(ct.snat_addr);
+    let fwd = CtKey {
+        saddr: if masqueraded { ct.snat_addr } else { p.saddr },
+        daddr: ct.nat_addr,
+        sport: if masqueraded { ct.snat_port } else { p.sport },
+        dport: ct.nat_port,
+        proto: p.proto,
+        pad: [0; 3],
+    };
+    let _ = F::ct().remove(&rev);
+    let _ = F::ct().remove(&fwd);
 }
 
 /// Rewrite the destination (`dst`) or source address and port, fixing the checksums that

@@ -826,3 +826,61 @@ fn ipv6_source_ranges_local_policy_and_affinity() {
     let mut ebpf = setup6(&snap6(vec![a]));
     assert_eq!(seen(&mut ebpf, 64).len(), 1);
 }
+
+/// A client reusing a source port for a direct connection to the pod, after a connection
+/// through the VIP from that port was DNATed to the same pod port: both have the same
+/// pod-side 4-tuple. The pod's replies to the direct connection must come out untouched
+/// (the bench saw them rewritten to come from the VIP, so the client reset them and retried
+/// after 1 s); the stale VIP flow's entries are dropped, and a later VIP connection from the
+/// same port is NATed again both ways.
+#[test]
+fn direct_connection_reusing_a_vip_flow_port_is_not_reverse_natted() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup(&one_backend());
+    let pod = [10, 1, 0, 1];
+    let (rc, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
+    assert_eq!((rc, daddr(&out)), (TCX_NEXT, pod));
+
+    let direct = packet(TCP, CLIENT, 40000, pod, 8080, SYN);
+    assert_eq!(run(&mut ebpf, &direct), (TCX_NEXT, direct));
+    let synack = packet(TCP, pod, 8080, CLIENT, 40000, SYN | ACK);
+    assert_eq!(
+        run(&mut ebpf, &synack),
+        (TCX_NEXT, synack.clone()),
+        "direct reply untouched"
+    );
+
+    // The port reused for the VIP again: a new flow, reverse-NATed again.
+    let (rc, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
+    assert_eq!((rc, daddr(&out), dport(&out)), (TCX_NEXT, pod, 8080));
+    let (rc, out) = run(&mut ebpf, &synack);
+    assert_eq!((rc, saddr(&out), sport(&out)), (TCX_NEXT, VIP, 80));
+    assert_checksums(&out);
+}
+
+#[test]
+fn ipv6_direct_connection_reusing_a_vip_flow_port_is_not_reverse_natted() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup6(&snap6(vec![svc6("a", VIP6, vec![ep(BE6, false)])]));
+    let (rc, out) = run(&mut ebpf, &packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN));
+    assert_eq!((rc, daddr6(&out)), (TCX_NEXT, v6(BE6)));
+
+    let direct = packet6(TCP, CLIENT6, 40000, BE6, 8080, SYN);
+    assert_eq!(run(&mut ebpf, &direct), (TCX_NEXT, direct));
+    let synack = packet6(TCP, BE6, 8080, CLIENT6, 40000, SYN | ACK);
+    assert_eq!(
+        run(&mut ebpf, &synack),
+        (TCX_NEXT, synack.clone()),
+        "direct reply untouched"
+    );
+
+    let (rc, out) = run(&mut ebpf, &packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN));
+    assert_eq!((rc, daddr6(&out)), (TCX_NEXT, v6(BE6)));
+    let (rc, out) = run(&mut ebpf, &synack);
+    assert_eq!((rc, saddr6(&out), ports6(&out).0), (TCX_NEXT, v6(VIP6), 80));
+    assert_checksums6(&out);
+}

@@ -298,6 +298,12 @@ async fn run_with<D: Dataplane + 'static>(settings: Settings, dataplane: D) -> a
 
     let (tx, rx) = mpsc::channel::<SourceEvent>(EVENT_CHANNEL_CAPACITY);
     let (fail_tx, mut fail_rx) = mpsc::channel::<anyhow::Error>(2);
+    // The addresses go into the channel before the object source starts, so the runner
+    // handles them before that source's `Synced`: the first sync (and /healthz 200) already
+    // has the NodePort addresses (see `source::addresses::initial`).
+    let first_addresses = source::addresses::initial(&tx)
+        .await
+        .context("local address source")?;
     let objects_source = match &settings.manifests {
         Some(dir) => {
             let dir = dir.clone();
@@ -322,7 +328,7 @@ async fn run_with<D: Dataplane + 'static>(settings: Settings, dataplane: D) -> a
     let addresses_source = {
         let tx = tx.clone();
         tokio::spawn(async move {
-            source::addresses::run(tx)
+            source::addresses::follow(tx, first_addresses)
                 .await
                 .context("local address source")
         })

@@ -20,17 +20,28 @@ use super::SourceEvent;
 
 const POLL_EVERY: Duration = Duration::from_secs(2);
 
-/// Send `LocalAddresses` now and whenever the set changes, until the receiver is dropped.
-pub async fn run(tx: mpsc::Sender<SourceEvent>) -> anyhow::Result<()> {
+/// Queue the current address set (`LocalAddresses`) and return it, for [`follow`].
+///
+/// Call this before starting the object source: the sync runner may run its first sync as
+/// soon as that source reports `Synced`, and NodePort frontends under `--nodeport-addresses`
+/// CIDRs come from these addresses. Sent from a task of its own, this event could arrive
+/// after `Synced`; the first sync then had no NodePort address, `/healthz` answered 200
+/// without any NodePort programmed, and NodePort traffic reached the node's own sockets until
+/// the next sync (min-sync-period later). kube-proxy has no such window: its proxiers read
+/// the interface addresses inside every syncProxyRules (nodePortAddresses.GetNodeIPs).
+pub async fn initial(tx: &mpsc::Sender<SourceEvent>) -> anyhow::Result<BTreeSet<IpAddr>> {
     // Startup is strict: without addresses NodePorts cannot be programmed correctly.
-    let mut last = local_addresses().context("reading this node's interface addresses")?;
-    if tx
-        .send(SourceEvent::LocalAddresses(last.iter().copied().collect()))
+    let first = local_addresses().context("reading this node's interface addresses")?;
+    tx.send(SourceEvent::LocalAddresses(first.iter().copied().collect()))
         .await
-        .is_err()
-    {
-        return Ok(());
-    }
+        .context("queueing this node's interface addresses")?;
+    Ok(first)
+}
+
+/// Send `LocalAddresses` whenever the set differs from `last` (what [`initial`] sent), until
+/// the receiver is dropped.
+pub async fn follow(tx: mpsc::Sender<SourceEvent>, last: BTreeSet<IpAddr>) -> anyhow::Result<()> {
+    let mut last = last;
     let mut ticker = tokio::time::interval(POLL_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;

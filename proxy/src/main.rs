@@ -303,7 +303,8 @@ async fn run_with<D: Dataplane + 'static>(settings: Settings, dataplane: D) -> a
     // has the NodePort addresses (see `source::addresses::initial`).
     let first_addresses = source::addresses::initial(&tx)
         .await
-        .context("local address source")?;
+        .context("local address source")?
+        .context("local address source: the sync runner's channel closed at startup")?;
     let objects_source = match &settings.manifests {
         Some(dir) => {
             let dir = dir.clone();

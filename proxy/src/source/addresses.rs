@@ -29,13 +29,24 @@ const POLL_EVERY: Duration = Duration::from_secs(2);
 /// without any NodePort programmed, and NodePort traffic reached the node's own sockets until
 /// the next sync (min-sync-period later). kube-proxy has no such window: its proxiers read
 /// the interface addresses inside every syncProxyRules (nodePortAddresses.GetNodeIPs).
-pub async fn initial(tx: &mpsc::Sender<SourceEvent>) -> anyhow::Result<BTreeSet<IpAddr>> {
+/// None when the receiver is already gone.
+pub async fn initial(tx: &mpsc::Sender<SourceEvent>) -> anyhow::Result<Option<BTreeSet<IpAddr>>> {
     // Startup is strict: without addresses NodePorts cannot be programmed correctly.
     let first = local_addresses().context("reading this node's interface addresses")?;
-    tx.send(SourceEvent::LocalAddresses(first.iter().copied().collect()))
+    Ok(tx
+        .send(SourceEvent::LocalAddresses(first.iter().copied().collect()))
         .await
-        .context("queueing this node's interface addresses")?;
-    Ok(first)
+        .is_ok()
+        .then_some(first))
+}
+
+/// [`initial`] then [`follow`]: `LocalAddresses` now and whenever the set changes, until
+/// the receiver is dropped.
+pub async fn run(tx: mpsc::Sender<SourceEvent>) -> anyhow::Result<()> {
+    match initial(&tx).await? {
+        Some(first) => follow(tx, first).await,
+        None => Ok(()),
+    }
 }
 
 /// Send `LocalAddresses` whenever the set differs from `last` (what [`initial`] sent), until

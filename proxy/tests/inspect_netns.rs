@@ -2,65 +2,21 @@
 //! namespace this test creates and always deletes: nothing programmed is a clear error;
 //! then shunt runs in nftables mode, then in iptables mode, on a manifest directory, and
 //! the subcommands must show what it programmed (JSON that round-trips) and give each
-//! packet's verdict. Needs root, `ip`, `nft`, `iptables` and `curl`; skips otherwise.
+//! packet's verdict. Needs root, `ip`, `nft` and `iptables`; skips otherwise.
 //! ebpf mode: a dual-stack plan written into maps pinned on a private bpffs, then read
 //! through the binary (`inspect services|conntrack|counters`, `trace`) in both families.
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use shunt::inspect::view::{FrontendKind, NoEndpoints};
 use shunt::inspect::{Fate, Inspected, TraceResult};
 
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Running(Option<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tool(name: &str) -> bool {
-    ["--version", "-V"].iter().any(|f| {
-        Command::new(name)
-            .arg(f)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
-}
-
-fn in_ns(ns: &str, args: &[&str]) -> Output {
-    Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-        .expect("ip netns exec")
-}
-
-fn must(ns: &str, args: &[&str]) -> String {
-    let out = in_ns(ns, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{HEALTHZ, METRICS, Netns, Running, in_ns, must, wait_healthy};
 
 const MANIFESTS: &str = r#"
 apiVersion: v1
@@ -150,9 +106,9 @@ fn shunt_args(mode: &str, dir: &str, cleanup: bool) -> Vec<String> {
         "--nodeport-addresses",
         "10.0.0.0/24",
         "--healthz-bind-address",
-        "127.0.0.1:10256",
+        HEALTHZ,
         "--metrics-bind-address",
-        "127.0.0.1:10249",
+        METRICS,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -161,33 +117,6 @@ fn shunt_args(mode: &str, dir: &str, cleanup: bool) -> Vec<String> {
         a.push("--cleanup".into());
     }
     a
-}
-
-fn healthy(ns: &str, running: &mut Running) {
-    for _ in 0..200 {
-        if let Some(st) = running.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!("shunt exited before /healthz answered 200: {st}");
-        }
-        let out = in_ns(
-            ns,
-            &[
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-m",
-                "2",
-                "-w",
-                "%{http_code}",
-                "http://127.0.0.1:10256/healthz",
-            ],
-        );
-        if String::from_utf8_lossy(&out.stdout).trim() == "200" {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("/healthz never answered 200");
 }
 
 fn shunt(ns: &str, args: &[&str]) -> Output {
@@ -231,7 +160,9 @@ fn check_mode(ns: &str, mode: &str, dir: &str) {
         .spawn()
         .unwrap();
     let mut running = Running(Some(child));
-    healthy(ns, &mut running);
+    if let Err(e) = wait_healthy(ns, &mut running, Duration::from_secs(20)) {
+        panic!("{mode}: {e}");
+    }
 
     let doc: Inspected = json(ns, &["inspect", "services", "-o", "json"]);
     assert_eq!(doc.mode, mode);
@@ -352,11 +283,7 @@ fn check_mode(ns: &str, mode: &str, dir: &str) {
 
 #[test]
 fn inspect_and_trace_a_running_shunt() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to create a network namespace");
-        return;
-    }
-    let Some(ns) = node_ns("insp", &["ip", "nft", "iptables", "curl"]) else {
+    let Some(ns) = Netns::create("insp", &["nft", "iptables"], &["10.0.0.2/32"]) else {
         return;
     };
 
@@ -381,21 +308,6 @@ fn inspect_and_trace_a_running_shunt() {
     check_mode(&ns.0, "iptables", d);
     let out = shunt(&ns.0, &["inspect", "services"]);
     assert!(!out.status.success(), "everything cleaned up");
-}
-
-/// A namespace for the node (10.0.0.2 on lo: no link type is needed), or None (printing
-/// why) when a tool is missing.
-fn node_ns(tag: &str, tools: &[&str]) -> Option<Netns> {
-    if let Some(t) = tools.iter().find(|t| !tool(t)) {
-        eprintln!("skipping: needs {t}");
-        return None;
-    }
-    let ns = Netns(format!("shunt-{tag}-{}", std::process::id()));
-    let st = Command::new("ip").args(["netns", "add", &ns.0]).status();
-    assert!(st.is_ok_and(|s| s.success()), "ip netns add {}", ns.0);
-    must(&ns.0, &["ip", "link", "set", "lo", "up"]);
-    must(&ns.0, &["ip", "addr", "add", "10.0.0.2/32", "dev", "lo"]);
-    Some(ns)
 }
 
 /// A private bpffs mount, unmounted on drop (also when an assertion failed).
@@ -509,7 +421,7 @@ fn inspect_and_trace_pinned_ebpf_maps() {
         eprintln!("skipping: needs root to mount a bpffs and load BPF programs");
         return;
     }
-    let Some(ns) = node_ns("inspb", &["ip", "mount"]) else {
+    let Some(ns) = Netns::create("inspb", &["mount"], &["10.0.0.2/32"]) else {
         return;
     };
     let mnt = Bpffs(tempfile::tempdir().unwrap());

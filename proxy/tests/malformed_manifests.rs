@@ -12,66 +12,13 @@
 //! Needs root, `ip` and `nft`; skips (printing why) otherwise.
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Running(Option<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tool(name: &str) -> bool {
-    Command::new(name)
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-fn must(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(args)
-        .output()
-        .expect("ip netns exec");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// Runs `f` on a thread that joined namespace `ns` (sockets stay in the namespace they were
-/// created in).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
-            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    })
-}
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{HEALTHZ, METRICS, Netns, Running, in_netns, must, wait_exit, wait_healthy};
 
 /// Valid objects: the Node, the ServiceCIDR, and two Services with one endpoint each.
 const GOOD: &str = r#"
@@ -239,24 +186,13 @@ fn get(ns: &str, addr: SocketAddr) -> Result<String, std::io::ErrorKind> {
 
 #[test]
 fn malformed_objects_are_skipped_with_one_warning_each() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to create a network namespace");
+    let Some(ns) = Netns::create(
+        "bad",
+        &["nft"],
+        &["10.0.0.2/32", "10.244.0.5/32", "10.244.0.6/32"],
+    ) else {
         return;
-    }
-    if !tool("ip") || !tool("nft") {
-        eprintln!("skipping: needs ip and nft");
-        return;
-    }
-    let ns = Netns(format!("shunt-bad-{}", std::process::id()));
-    let st = Command::new("ip")
-        .args(["netns", "add", &ns.0])
-        .status()
-        .unwrap();
-    assert!(st.success(), "ip netns add failed");
-    must(&ns.0, &["ip", "link", "set", "lo", "up"]);
-    for a in ["10.0.0.2/32", "10.244.0.5/32", "10.244.0.6/32"] {
-        must(&ns.0, &["ip", "addr", "add", a, "dev", "lo"]);
-    }
+    };
     // A route for the ClusterIPs: the output route lookup precedes the DNAT (which reroutes
     // to the local endpoint address).
     must(&ns.0, &["ip", "route", "add", "10.96.0.0/16", "dev", "lo"]);
@@ -298,9 +234,9 @@ fn malformed_objects_are_skipped_with_one_warning_each() {
         "--nodeport-addresses",
         "10.0.0.2/32",
         "--healthz-bind-address",
-        "127.0.0.1:10256",
+        HEALTHZ,
         "--metrics-bind-address",
-        "127.0.0.1:10249",
+        METRICS,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -315,26 +251,11 @@ fn malformed_objects_are_skipped_with_one_warning_each() {
         .unwrap();
     let mut running = Running(Some(child));
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(st) = running.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!(
-                "shunt exited ({st}) before /healthz answered 200:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        let ok = in_netns(&ns.0, || {
-            let mut c = TcpStream::connect("127.0.0.1:10256").ok()?;
-            c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").ok()?;
-            let mut s = String::new();
-            c.read_to_string(&mut s).ok()?;
-            Some(s.starts_with("HTTP/1.0 200") || s.starts_with("HTTP/1.1 200"))
-        });
-        if ok == Some(true) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "/healthz never answered 200");
-        std::thread::sleep(Duration::from_millis(100));
+    if let Err(e) = wait_healthy(&ns.0, &mut running, Duration::from_secs(30)) {
+        panic!(
+            "{e}:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     let text = plain(&std::fs::read_to_string(&log).unwrap());
@@ -404,11 +325,7 @@ fn malformed_objects_are_skipped_with_one_warning_each() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "shunt ignored SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_exit(child, Duration::from_secs(10)).expect("shunt ignored SIGTERM");
     running.0 = None;
     args.push("--cleanup".into());
     let out = Command::new("ip")

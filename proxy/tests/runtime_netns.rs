@@ -5,71 +5,12 @@
 //!
 //! Needs root, `ip` and `nft`; skips (printing why) otherwise.
 use std::io::Write as _;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Running(Option<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn tool(name: &str) -> bool {
-    Command::new(name)
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-fn in_ns(ns: &str, args: &[&str]) -> Output {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]).args(args);
-    cmd.output().expect("ip netns exec")
-}
-
-fn must(ns: &str, args: &[&str]) -> String {
-    let out = in_ns(ns, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-/// Plain HTTP GET inside the namespace with curl: (status, body).
-fn http_get(ns: &str, url: &str) -> Option<(u16, String)> {
-    let out = in_ns(ns, &["curl", "-s", "-m", "2", "-w", "\n%{http_code}", url]);
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n')?;
-    Some((code.trim().parse().ok()?, body.to_string()))
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            return Some(st);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{HEALTHZ, METRICS, Netns, Running, http_get, in_ns, must, wait_exit, wait_healthy};
 
 const MANIFESTS: &str = r#"
 apiVersion: v1
@@ -124,23 +65,10 @@ ports:
 
 #[test]
 fn run_sigterm_keeps_rules_cleanup_removes_them() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipping: needs root to create a network namespace");
-        return;
-    }
-    if !tool("ip") || !tool("nft") || !tool("curl") {
-        eprintln!("skipping: needs ip, nft and curl");
-        return;
-    }
-    let ns = Netns(format!("shunt-rt-{}", std::process::id()));
-    let st = Command::new("ip")
-        .args(["netns", "add", &ns.0])
-        .status()
-        .unwrap();
-    assert!(st.success(), "ip netns add failed");
-    must(&ns.0, &["ip", "link", "set", "lo", "up"]);
     // The node address lives on lo: no extra link type (dummy, veth) is needed.
-    must(&ns.0, &["ip", "addr", "add", "10.0.0.2/32", "dev", "lo"]);
+    let Some(ns) = Netns::create("rt", &["nft"], &["10.0.0.2/32"]) else {
+        return;
+    };
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::File::create(dir.path().join("objects.yaml"))
@@ -166,9 +94,9 @@ fn run_sigterm_keeps_rules_cleanup_removes_them() {
             "--nodeport-addresses",
             "10.0.0.0/24",
             "--healthz-bind-address",
-            "127.0.0.1:10256",
+            HEALTHZ,
             "--metrics-bind-address",
-            "127.0.0.1:10249",
+            METRICS,
         ]
         .iter()
         .map(|s| s.to_string())
@@ -188,20 +116,10 @@ fn run_sigterm_keeps_rules_cleanup_removes_them() {
         .unwrap();
     let mut running = Running(Some(child));
 
-    let mut healthy = None;
-    for _ in 0..150 {
-        if let Some(st) = running.0.as_mut().unwrap().try_wait().unwrap() {
-            panic!("shunt exited before /healthz answered 200: {st}");
-        }
-        if let Some((200, body)) = http_get(&ns.0, "http://127.0.0.1:10256/healthz") {
-            healthy = Some(body);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let body = healthy.expect("/healthz never answered 200");
+    let body = wait_healthy(&ns.0, &mut running, Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(body.contains("\"nodeEligible\": true"), "{body}");
-    let (code, metrics) = http_get(&ns.0, "http://127.0.0.1:10249/metrics").unwrap();
+    let (code, metrics) = http_get(&ns.0, METRICS, "/metrics").unwrap();
     assert_eq!(code, 200);
     assert!(metrics.contains("kubeproxy_sync_proxy_rules_last_timestamp_seconds"));
     assert!(metrics.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 1"));

@@ -60,6 +60,32 @@ impl Lab {
         v.extend_from_slice(args);
         sh(&v)
     }
+
+    /// Starts the python servers `progs` in namespace `n` (stopped with the lab) and waits,
+    /// bounded, until `ss` shows `listeners` sockets on port 8080 there.
+    fn serve(&mut self, n: &str, progs: &[&str], listeners: usize) {
+        let ns = self.ns(n);
+        for prog in progs {
+            self.servers.push(
+                Command::new("ip")
+                    .args(["netns", "exec", &ns, "python3", "-c", prog])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("server"),
+            );
+        }
+        let up = |lab: &Lab| {
+            lab.exec(n, &["ss", "-Hltun", "sport = :8080"])
+                .is_ok_and(|o| o.lines().count() >= listeners)
+        };
+        for _ in 0..50 {
+            if up(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("servers in {ns} not listening on :8080 after 5 s");
+    }
 }
 
 fn setup() -> Result<Lab, String> {
@@ -234,26 +260,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         Ok(l) => l,
         Err(e) => panic!("lab setup: {e}"),
     };
-    let b = lab.ns("b");
-    for prog in [SERVER, UDP_SERVER] {
-        lab.servers.push(
-            Command::new("ip")
-                .args(["netns", "exec", &b, "python3", "-c", prog])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("server"),
-        );
-    }
-    // Bounded wait for the listeners.
-    for _ in 0..50 {
-        if lab
-            .exec("b", &["ss", "-Hltun", "sport = :8080"])
-            .is_ok_and(|o| o.lines().count() >= 2)
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab.serve("b", &[SERVER, UDP_SERVER], 2);
     let opts = EbpfOptions {
         cgroup_root: lab.cgroup.clone(),
         pin_dir: lab.bpffs.join("shunt"),
@@ -367,23 +374,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
     assert_eq!(connect_port(&lab, "c", "10.1.0.1", 30080), "hello 10.1.0.9");
     // Hairpin: the client reaches itself through the service, masqueraded to the node IP
     // (otherwise it would receive a packet from its own address and drop it).
-    let c = lab.ns("c");
-    lab.servers.push(
-        Command::new("ip")
-            .args(["netns", "exec", &c, "python3", "-c", SERVER])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("server in c"),
-    );
-    for _ in 0..50 {
-        if lab
-            .exec("c", &["ss", "-Hltn", "sport = :8080"])
-            .is_ok_and(|o| !o.trim().is_empty())
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab.serve("c", &[SERVER], 1);
     assert_eq!(connect(&lab, "172.30.0.13"), "hello 10.1.0.1");
     assert_eq!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
 
@@ -488,25 +479,7 @@ fn ipv6_clusterip_from_pod_and_node() {
     .unwrap();
     lab.exec("n", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         .unwrap();
-    let b = lab.ns("b");
-    for prog in [SERVER6, UDP_SERVER6] {
-        lab.servers.push(
-            Command::new("ip")
-                .args(["netns", "exec", &b, "python3", "-c", prog])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("server"),
-        );
-    }
-    for _ in 0..50 {
-        if lab
-            .exec("b", &["ss", "-Hltun", "sport = :8080"])
-            .is_ok_and(|o| o.lines().count() >= 2)
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab.serve("b", &[SERVER6, UDP_SERVER6], 2);
     let opts = EbpfOptions {
         cgroup_root: lab.cgroup.clone(),
         pin_dir: lab.bpffs.join("shunt"),

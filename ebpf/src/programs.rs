@@ -1100,7 +1100,7 @@ fn to_loopback(ctx: &TcContext) -> i32 {
 /// address inside a service CIDR (it is unallocated).
 #[inline(always)]
 fn miss<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Step {
-    forget_stale_service_flow::<F>(p);
+    forget_stale_service_flow::<F>(ctx, p);
     if F::cip().get_ptr(&p.daddr).is_some() {
         count(stat::REJECT_INVALID_PORT, ctx.len());
         return Step::Reject;
@@ -1124,8 +1124,26 @@ fn miss<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Step {
 /// packets whose answers are not reverse-NATed), so a later connection through the
 /// frontend from the same port is a new flow with both entries again. One extra hash
 /// lookup on packets that are not service traffic; deleting happens only on such a reuse.
+///
+/// Only a TCP connection's first packet (SYN without ACK) is such a reuse. Any other packet
+/// with that tuple belongs to the live service flow itself, seen a second time: while a
+/// restart swaps the tc links make-before-break (`replace_link` in the agent), the previous
+/// run's program and this one both run on each packet, and this one sees the packet the
+/// other already DNATed (client -> backend). Forgetting the flow then would reset every
+/// connection that sends a packet during the swap. UDP has no first packet to tell apart, so
+/// UDP flows are never forgotten here (their entries name live flows far more often).
 #[inline(never)]
-fn forget_stale_service_flow<F: Fam>(p: &Pkt<F::A>) {
+fn forget_stale_service_flow<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    if p.proto != IPPROTO_TCP {
+        return;
+    }
+    // TCP header byte 13 holds the flags (RFC 9293 3.1).
+    match ctx.load::<u8>(p.l4_off + 13) {
+        Ok(flags) if flags & (SYN | ACK) == SYN => {}
+        _ => return,
+    }
     let rev = CtKey {
         saddr: p.daddr,
         daddr: p.saddr,

@@ -860,6 +860,45 @@ fn direct_connection_reusing_a_vip_flow_port_is_not_reverse_natted() {
     assert_checksums(&out);
 }
 
+/// A restart swaps the tc links make-before-break, so for a moment the previous run's
+/// program and the new one both run on each packet: the second sees a packet of a live VIP
+/// flow already DNATed to the pod. That packet (not a first SYN; any UDP datagram) must not
+/// make the program forget the flow: the pod's replies are still reverse-NATed to the VIP.
+#[test]
+fn live_service_flow_seen_again_after_its_dnat_is_kept() {
+    if !root() {
+        return;
+    }
+    let pod = [10, 1, 0, 1];
+    let mut ebpf = setup(&one_backend());
+    let (rc, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40001, VIP, 80, SYN));
+    assert_eq!((rc, daddr(&out)), (TCX_NEXT, pod));
+    // The same connection's next packet, DNATed by the other program: passed untouched.
+    let seen_again = packet(TCP, CLIENT, 40001, pod, 8080, ACK);
+    assert_eq!(run(&mut ebpf, &seen_again), (TCX_NEXT, seen_again));
+    let reply = packet(TCP, pod, 8080, CLIENT, 40001, ACK);
+    let (rc, out) = run(&mut ebpf, &reply);
+    assert_eq!(
+        (rc, saddr(&out), sport(&out)),
+        (TCX_NEXT, VIP, 80),
+        "the live TCP flow is still reverse-NATed"
+    );
+
+    let mut u = svc("u", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    u.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup(&snap(vec![u]));
+    let (rc, out) = run(&mut ebpf, &packet(UDP, CLIENT, 5360, VIP, 80, 0));
+    assert_eq!((rc, daddr(&out)), (TCX_NEXT, pod));
+    let seen_again = packet(UDP, CLIENT, 5360, pod, 8080, 0);
+    assert_eq!(run(&mut ebpf, &seen_again), (TCX_NEXT, seen_again));
+    let (rc, out) = run(&mut ebpf, &packet(UDP, pod, 8080, CLIENT, 5360, 0));
+    assert_eq!(
+        (rc, saddr(&out), sport(&out)),
+        (TCX_NEXT, VIP, 80),
+        "the live UDP flow is still reverse-NATed"
+    );
+}
+
 #[test]
 fn ipv6_direct_connection_reusing_a_vip_flow_port_is_not_reverse_natted() {
     if !root() {

@@ -195,8 +195,9 @@ fn run(settings: Settings) -> anyhow::Result<()> {
                 None => shunt::dataplane::ebpf::cgroup2_mount()
                     .context("ebpf mode: finding the cgroup2 mount (or pass --cgroup-root)")?,
             };
-            let dp = EbpfDataplane::new(ebpf_options(Some(cgroup_root), &settings.pin_dir))
-                .context("ebpf mode: invalid options")?;
+            let mut opts = ebpf_options(Some(cgroup_root), &settings.pin_dir);
+            opts.map_sizes = settings.map_sizes;
+            let dp = EbpfDataplane::new(opts).context("ebpf mode: invalid options")?;
             start(settings, dp)
         }
     }
@@ -209,6 +210,7 @@ fn ebpf_options(cgroup_root: Option<std::path::PathBuf>, pin_dir: &std::path::Pa
         cgroup_root: cgroup_root.unwrap_or_default(),
         pin_dir: pin_dir.to_path_buf(),
         interfaces: Interfaces::All,
+        map_sizes: Default::default(),
     }
 }
 

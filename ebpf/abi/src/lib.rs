@@ -139,7 +139,9 @@ pub mod host_ns {
     pub const COUNT: u32 = 2;
 }
 
-/// Map sizes (max_entries). Userspace refuses plans that do not fit.
+/// Default map sizes (max_entries), the object's. The agent overrides them at load from its
+/// capacity flags and grows the maps it fills (services, backends, reverse NAT, ClusterIPs)
+/// when a plan needs more.
 pub mod limits {
     /// One entry per frontend and scope plus one per backend slot: 10,000 Services x 10
     /// endpoints need 110,000. The maps userspace fills (services, backends, reverse NAT,
@@ -148,7 +150,13 @@ pub mod limits {
     pub const SERVICES: u32 = 262_144;
     pub const BACKENDS: u32 = 262_144;
     pub const REVNAT: u32 = 65_536;
-    pub const CT: u32 = 262_144;
+    /// Conntrack holds every protocol in one map per family, sized TCP + non-TCP
+    /// (`--bpf-ct-global-tcp-max` + `--bpf-ct-global-any-max`, Cilium's flags for its two
+    /// maps); these are the defaults. The agent sets every size at load
+    /// (EbpfLoader::map_max_entries); the values here are the object's defaults.
+    pub const CT_TCP: u32 = 196_608;
+    pub const CT_ANY: u32 = 65_536;
+    pub const CT: u32 = CT_TCP + CT_ANY;
     pub const AFFINITY: u32 = 65_536;
     pub const SRC_RANGES: u32 = 16_384;
     pub const CLUSTER_IPS: u32 = 65_536;

@@ -24,6 +24,7 @@ use clap::Parser;
 use ipnet::IpNet;
 
 use crate::model::{DetectLocal, IpFamily, NodeConfig};
+use crate::plan::ebpf::capacity::{self, CapacityFlags, MapSizes};
 pub use duration::{format_go_duration, parse_go_duration};
 
 /// kube-proxy's default ports (pkg/cluster/ports: ProxyHealthzPort, ProxyStatusPort).
@@ -159,6 +160,34 @@ pub struct Cli {
     /// already uses, as kube-proxy's image picks it), 'legacy' or 'nft'.
     #[arg(long, value_name = "auto|legacy|nft", default_value = "auto")]
     pub iptables_backend: String,
+
+    /// ebpf mode (Cilium's flag): entries of the service and backend maps, each family;
+    /// the reverse-NAT, ClusterIP and affinity maps get a quarter of it (reverse NAT at most
+    /// 65536). The service, backend, reverse-NAT and ClusterIP maps grow beyond it when the
+    /// cluster needs more. 1024..16777216. [default: 262144]
+    #[arg(long = "bpf-lb-map-max", value_name = "N")]
+    pub bpf_lb_map_max: Option<u64>,
+
+    /// ebpf mode (Cilium's flag): conntrack entries for TCP. shunt keeps every protocol in
+    /// one conntrack map per family, sized TCP + non-TCP. 1024..16777216. [default: 196608]
+    #[arg(long = "bpf-ct-global-tcp-max", value_name = "N")]
+    pub bpf_ct_global_tcp_max: Option<u64>,
+
+    /// ebpf mode (Cilium's flag): conntrack entries for non-TCP protocols (UDP, SCTP), added
+    /// to --bpf-ct-global-tcp-max. 1024..16777216. [default: 65536]
+    #[arg(long = "bpf-ct-global-any-max", value_name = "N")]
+    pub bpf_ct_global_any_max: Option<u64>,
+
+    /// ebpf mode (Cilium's flag): entries of the socket-level reverse-NAT and forward maps
+    /// (node-originated UDP/TCP to services). 1024..16777216. [default: 262144]
+    #[arg(long = "bpf-sock-rev-map-max", value_name = "N")]
+    pub bpf_sock_rev_map_max: Option<u64>,
+
+    /// ebpf mode (Cilium's flag): size the conntrack and socket maps from this share of the
+    /// node's memory, as Cilium does (at least 131072 TCP + 65536 non-TCP conntrack and
+    /// 65536 socket entries); the explicit size flags win. In (0, 1], e.g. 0.0025.
+    #[arg(long = "bpf-map-dynamic-size-ratio", value_name = "RATIO")]
+    pub bpf_map_dynamic_size_ratio: Option<f64>,
 }
 
 /// The proxy modes shunt implements.
@@ -197,6 +226,8 @@ pub struct HostFacts {
     /// True if the kernel has IPv6 (then both families are programmed, as kube-proxy runs
     /// its dual-stack proxier whenever both families work).
     pub ipv6: bool,
+    /// MemTotal in bytes (0 when unknown): --bpf-map-dynamic-size-ratio's base.
+    pub mem_total: u64,
 }
 
 impl HostFacts {
@@ -205,8 +236,58 @@ impl HostFacts {
         // uname(2)'s nodename, as Go's os.Hostname reads it.
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let ipv6 = std::path::Path::new("/proc/sys/net/ipv6").exists();
-        HostFacts { hostname, ipv6 }
+        let mem_total = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|t| mem_total_in(&t))
+            .unwrap_or(0);
+        HostFacts {
+            hostname,
+            ipv6,
+            mem_total,
+        }
     }
+}
+
+/// MemTotal of a /proc/meminfo text, in bytes (proc(5): the value is in kB).
+pub fn mem_total_in(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// The ebpf map sizes from the capacity flags (shunt-only flags: they apply with --config
+/// too). Each invalid value names its flag.
+fn map_sizes(cli: &Cli, host: &HostFacts) -> Result<MapSizes, ConfigError> {
+    let size = |v: Option<u64>, flag: &str| -> Result<Option<u32>, ConfigError> {
+        v.map(|v| {
+            capacity::validate_size(v, capacity::MIN_ENTRIES, capacity::MAX_ENTRIES)
+                .map_err(|reason| Src::Flag(flag).invalid(v.to_string(), reason))
+        })
+        .transpose()
+    };
+    let flags = CapacityFlags {
+        lb_map_max: size(cli.bpf_lb_map_max, "bpf-lb-map-max")?,
+        ct_tcp_max: size(cli.bpf_ct_global_tcp_max, "bpf-ct-global-tcp-max")?,
+        ct_any_max: size(cli.bpf_ct_global_any_max, "bpf-ct-global-any-max")?,
+        sock_rev_map_max: size(cli.bpf_sock_rev_map_max, "bpf-sock-rev-map-max")?,
+        dynamic_size_ratio: cli
+            .bpf_map_dynamic_size_ratio
+            .map(|r| {
+                capacity::validate_ratio(r).map_err(|reason| {
+                    Src::Flag("bpf-map-dynamic-size-ratio").invalid(r.to_string(), reason)
+                })
+            })
+            .transpose()?,
+    };
+    if flags.dynamic_size_ratio.is_some() && host.mem_total == 0 {
+        return Err(Src::Flag("bpf-map-dynamic-size-ratio").invalid(
+            cli.bpf_map_dynamic_size_ratio
+                .unwrap_or_default()
+                .to_string(),
+            "the node's memory is unknown (no MemTotal in /proc/meminfo)",
+        ));
+    }
+    Ok(MapSizes::resolve(&flags, host.mem_total))
 }
 
 /// Everything shunt runs with, validated.
@@ -231,6 +312,9 @@ pub struct Settings {
     pub pin_dir: PathBuf,
     /// `--iptables-backend`
     pub iptables_backend: crate::dataplane::iptables::BackendChoice,
+    /// ebpf map sizes (`--bpf-lb-map-max`, `--bpf-ct-global-*-max`, `--bpf-sock-rev-map-max`,
+    /// `--bpf-map-dynamic-size-ratio`).
+    pub map_sizes: MapSizes,
     /// klog verbosity level.
     pub verbosity: u8,
     /// Things worth a warning once logging is up (flags ignored because of --config, fields
@@ -381,6 +465,7 @@ impl Settings {
         warnings: Vec<String>,
     ) -> Result<Settings, ConfigError> {
         let mode = parse_mode(raw.mode.0.as_deref(), raw.mode.1)?;
+        let map_sizes = map_sizes(cli, host)?;
 
         // --hostname-override wins over the file (options.go processHostnameOverrideFlag); an
         // explicitly empty flag is an error there. The name is trimmed and lower-cased as
@@ -543,6 +628,7 @@ impl Settings {
                 })?,
             cgroup_root: cli.cgroup_root.clone(),
             pin_dir: cli.pin_dir.clone(),
+            map_sizes,
             verbosity: raw.verbosity,
             warnings,
         })

@@ -6,6 +6,7 @@ fn host() -> HostFacts {
     HostFacts {
         hostname: "Node-A".into(),
         ipv6: true,
+        mem_total: 8 << 30,
     }
 }
 
@@ -169,6 +170,7 @@ fn no_ipv6_means_single_family() {
     let h = HostFacts {
         hostname: "n".into(),
         ipv6: false,
+        mem_total: 8 << 30,
     };
     let s = Settings::from_args(["shunt"], &h).unwrap();
     assert_eq!(s.node.families, vec![IpFamily::V4]);
@@ -222,6 +224,40 @@ fn bad_flags_name_the_flag() {
         (&["--masquerade-all=maybe"], "--masquerade-all"),
         (&["--no-such-flag"], "--no-such-flag"),
         (&["--manifests", "/m", "--kubeconfig", "/k"], "--manifests"),
+        (&["--bpf-lb-map-max", "100"], "--bpf-lb-map-max"),
+        (&["--bpf-lb-map-max", "0"], "--bpf-lb-map-max"),
+        (&["--bpf-lb-map-max=-5"], "--bpf-lb-map-max"),
+        (&["--bpf-lb-map-max", "lots"], "--bpf-lb-map-max"),
+        (&["--bpf-lb-map-max", "16777217"], "--bpf-lb-map-max"),
+        (
+            &["--bpf-ct-global-tcp-max", "1023"],
+            "--bpf-ct-global-tcp-max",
+        ),
+        (
+            &["--bpf-ct-global-any-max", "99999999999"],
+            "--bpf-ct-global-any-max",
+        ),
+        (&["--bpf-sock-rev-map-max", "12"], "--bpf-sock-rev-map-max"),
+        (
+            &["--bpf-map-dynamic-size-ratio", "0"],
+            "--bpf-map-dynamic-size-ratio",
+        ),
+        (
+            &["--bpf-map-dynamic-size-ratio", "1.5"],
+            "--bpf-map-dynamic-size-ratio",
+        ),
+        (
+            &["--bpf-map-dynamic-size-ratio=-0.1"],
+            "--bpf-map-dynamic-size-ratio",
+        ),
+        (
+            &["--bpf-map-dynamic-size-ratio", "NaN"],
+            "--bpf-map-dynamic-size-ratio",
+        ),
+        (
+            &["--bpf-map-dynamic-size-ratio", "x"],
+            "--bpf-map-dynamic-size-ratio",
+        ),
     ];
     for (args, needle) in cases {
         let err = parse(args)
@@ -499,4 +535,111 @@ winkernel:
         s.kubeconfig,
         Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
     );
+}
+
+#[test]
+fn map_size_flags_table() {
+    let d = MapSizes::default();
+    // (args, expected sizes)
+    let cases: Vec<(&[&str], MapSizes)> = vec![
+        (&[], d),
+        (
+            &["--bpf-lb-map-max", "1024"],
+            MapSizes {
+                services: 1024,
+                backends: 1024,
+                rev_nat: 256,
+                cluster_ips: 256,
+                affinity: 256,
+                ..d
+            },
+        ),
+        (
+            &["--bpf-lb-map-max", "1048576"],
+            MapSizes {
+                services: 1 << 20,
+                backends: 1 << 20,
+                // Reverse-NAT ids are u16.
+                rev_nat: 1 << 16,
+                cluster_ips: 1 << 18,
+                affinity: 1 << 18,
+                ..d
+            },
+        ),
+        (
+            &[
+                "--bpf-ct-global-tcp-max",
+                "524288",
+                "--bpf-ct-global-any-max",
+                "262144",
+            ],
+            MapSizes { ct: 786_432, ..d },
+        ),
+        (
+            &["--bpf-ct-global-any-max", "1024"],
+            MapSizes {
+                ct: shunt_abi::limits::CT_TCP + 1024,
+                ..d
+            },
+        ),
+        (
+            &["--bpf-sock-rev-map-max", "4096"],
+            MapSizes { sock: 4096, ..d },
+        ),
+    ];
+    for (args, want) in cases {
+        let s = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert_eq!(s.map_sizes, want, "{args:?}");
+    }
+}
+
+#[test]
+fn dynamic_size_ratio_scales_with_memory() {
+    let with_mem = |mem: u64, args: &[&str]| {
+        let h = HostFacts {
+            mem_total: mem,
+            ..host()
+        };
+        let mut v = vec!["shunt"];
+        v.extend_from_slice(args);
+        Settings::from_args(v, &h)
+    };
+    let r = ["--bpf-map-dynamic-size-ratio", "0.0025"];
+    // A small node: the floors (Cilium's 131072 TCP + 65536 other, 65536 socket).
+    let small = with_mem(4 << 30, &r).unwrap().map_sizes;
+    assert_eq!(small.ct, (1 << 17) + (1 << 16));
+    assert_eq!(small.sock, 1 << 16);
+    // A big node: proportionally more, same TCP:other ratio as the defaults (3:1).
+    let big = with_mem(256 << 30, &r).unwrap().map_sizes;
+    assert!(big.ct > MapSizes::default().ct, "{big:?}");
+    assert!(big.sock > small.sock, "{big:?}");
+    let big2 = with_mem(512 << 30, &r).unwrap().map_sizes;
+    assert!(
+        big2.ct > big.ct && big2.ct <= 2 * big.ct + 2,
+        "{big:?} {big2:?}"
+    );
+    // The load-balancing maps do not depend on memory.
+    assert_eq!(big.services, MapSizes::default().services);
+    // An explicit flag wins over the ratio.
+    let mut args = r.to_vec();
+    args.extend([
+        "--bpf-ct-global-tcp-max",
+        "2048",
+        "--bpf-ct-global-any-max",
+        "1024",
+    ]);
+    assert_eq!(with_mem(256 << 30, &args).unwrap().map_sizes.ct, 3072);
+    // Unknown memory: refused, naming the flag.
+    let err = with_mem(0, &r).unwrap_err().to_string();
+    assert!(err.contains("--bpf-map-dynamic-size-ratio"), "{err}");
+}
+
+#[test]
+fn mem_total_parsing() {
+    assert_eq!(
+        mem_total_in("MemTotal:        8048576 kB\nMemFree: 1 kB\n"),
+        Some(8048576 * 1024)
+    );
+    assert_eq!(mem_total_in("MemFree: 1 kB\n"), None);
+    assert_eq!(mem_total_in("MemTotal: lots kB\n"), None);
 }

@@ -23,7 +23,7 @@
 //!
 //! Not done yet (see ebpf/README.md): SCTP, following interfaces that appear after
 //! start (veth hot-plug via netlink; they are picked up at the next sync).
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -39,9 +39,13 @@ use shunt_abi::{
 
 use super::{Dataplane, DataplaneError, SyncOutcome, SyncRequest};
 use crate::model::{IpFamily, Snapshot};
+use crate::plan::ebpf::capacity::{self, MapSizes};
 use crate::plan::ebpf::{
     Family, MapOp, State, State4, State6, Trie, V4, V6, desired, diff, ids_from_maps, valid_pairs,
 };
+
+mod maps;
+pub use maps::Sizes;
 
 /// A family as the kernel maps see it: the plan's [`Family`] plus the key type of its
 /// socket-level maps (not of the generic shape, see `shunt_abi::SockRevNat6Key`).
@@ -101,6 +105,9 @@ pub struct EbpfOptions {
     /// Directory on bpffs for shunt's pins (maps and links). Default /sys/fs/bpf/shunt.
     pub pin_dir: PathBuf,
     pub interfaces: Interfaces,
+    /// Map sizes at creation (capacity flags); the maps userspace fills grow beyond them
+    /// when a plan needs more.
+    pub map_sizes: MapSizes,
 }
 
 impl Default for EbpfOptions {
@@ -109,6 +116,7 @@ impl Default for EbpfOptions {
             cgroup_root: PathBuf::new(),
             pin_dir: PathBuf::from("/sys/fs/bpf/shunt"),
             interfaces: Interfaces::All,
+            map_sizes: MapSizes::default(),
         }
     }
 }
@@ -127,6 +135,12 @@ fn io(what: impl std::fmt::Display, source: std::io::Error) -> DataplaneError {
 /// Load the object. With `pin_dir`, every map is pinned there by name, re-using pins that
 /// exist (adoption after a restart); without, the maps are private to this load (tests).
 pub fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
+    load_object_sized(pin_dir, &Sizes::default())
+}
+
+/// [`load_object`] creating the maps with `sizes` (EbpfLoader::map_max_entries). A pin that
+/// exists is used as it is: [`maps::check_pins`] sets aside the ones to replace first.
+pub fn load_object_sized(pin_dir: Option<&Path>, sizes: &Sizes) -> Result<Ebpf, DataplaneError> {
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = match pin_dir {
         Some(d) => names::ALL.iter().map(|n| (*n, d.join(n))).collect(),
@@ -134,6 +148,11 @@ pub fn load_object(pin_dir: Option<&Path>) -> Result<Ebpf, DataplaneError> {
     };
     for (n, p) in &paths {
         loader.map_pin_path(n, p.as_path());
+    }
+    for n in names::ALL {
+        if let Some(size) = sizes.of(n) {
+            loader.map_max_entries(n, size);
+        }
     }
     let mut ebpf = loader
         .load(OBJECT)
@@ -333,16 +352,14 @@ pub fn read_state<F: KernelFamily>(ebpf: &mut Ebpf) -> Result<State<F>, Dataplan
     Ok(st)
 }
 
-/// Plan `snap` against `state` (family `F`), write the difference, purge kernel state that
+/// Write the difference between `state` and the plan `want` (family `F`), purge kernel state that
 /// names removed backends, and make the result the new base.
 fn sync_family<F: KernelFamily>(
     ebpf: &mut Ebpf,
     state: &mut State<F>,
-    snap: &Snapshot,
-    local: &[IpAddr],
+    want: State<F>,
     outcome: &mut SyncOutcome,
 ) -> Result<(), DataplaneError> {
-    let want = desired(snap, local, state).map_err(|e| other("planning", e))?;
     let ops = diff(state, &want);
     if let Err(e) = apply_ops::<F>(ebpf, &ops) {
         // Re-base on what the kernel holds, so the next sync diffs correctly.
@@ -534,6 +551,10 @@ struct Loaded {
     state6: State6,
     /// ifindexes the tc program is attached to by this instance.
     attached: BTreeSet<u32>,
+    /// The socket programs are attached (or there is no cgroup to attach them to).
+    cgroup_attached: bool,
+    /// Current max_entries of the maps that grow (`capacity::growable`).
+    sizes: BTreeMap<&'static str, u32>,
 }
 
 /// The eBPF backend. Creating it touches nothing; the first `sync` loads and attaches.
@@ -583,7 +604,25 @@ impl EbpfDataplane {
                 "not on a bpffs (mount -t bpf bpf /sys/fs/bpf)",
             ));
         }
-        let mut ebpf = load_object(Some(dir))?;
+        // Pins whose definition differs from what shunt creates now (older shunt, other
+        // size flags) are set aside and replaced, their entries copied when possible.
+        let sizes = Sizes {
+            configured: self.opts.map_sizes,
+            grown: Default::default(),
+        };
+        let replaced = maps::check_pins(dir, &maps::wanted_defs(OBJECT, &sizes)?)?;
+        let mut ebpf = match load_object_sized(Some(dir), &sizes) {
+            Ok(e) => e,
+            Err(e) => {
+                maps::restore(dir, &replaced);
+                return Err(e);
+            }
+        };
+        if let Err(e) = maps::copy_replaced(dir, &replaced, false) {
+            drop(ebpf);
+            maps::restore(dir, &replaced);
+            return Err(e);
+        }
         let state4 = read_state::<V4>(&mut ebpf)?;
         let state6 = read_state::<V6>(&mut ebpf)?;
         let cookie = netns_cookie()?;
@@ -591,43 +630,58 @@ impl EbpfDataplane {
             .map_err(|e| other(names::HOST_NETNS, e))?
             .set(shunt_abi::host_ns::COOKIE, cookie, 0)
             .map_err(|e| other(names::HOST_NETNS, e))?;
-        if !self.opts.cgroup_root.as_os_str().is_empty() {
-            let cg = &self.opts.cgroup_root;
-            let cgf = std::fs::File::open(cg)
-                .map_err(|e| io(format!("opening cgroup {}", cg.display()), e))?;
-            for name in SOCK_PROGRAMS {
-                let prog: &mut CgroupSockAddr = ebpf
-                    .program_mut(name)
-                    .ok_or_else(|| other(name, "missing"))?
-                    .try_into()
-                    .map_err(|e| other(name, e))?;
-                // aya attaches with bpf_link_create (kernel >= 5.7); a cgroup link takes no
-                // flags (cgroup_bpf_link_attach rejects any) and always coexists with other
-                // links, so the previous run's program stays attached next to the new one
-                // until replace_link unpins it. `Single` is the flag-less mode.
-                let id = prog
-                    .attach(&cgf, CgroupAttachMode::Single)
-                    .map_err(|e| other(format!("attaching {name} to {}", cg.display()), e))?;
-                let link: FdLink = prog
-                    .take_link(id)
-                    .map_err(|e| other(name, e))?
-                    .try_into()
-                    .map_err(|e| other(name, e))?;
-                replace_link(
-                    link,
-                    &self.opts.pin_dir.join(format!("cgnew_{name}")),
-                    &self.opts.pin_dir.join(format!("cg_{name}")),
-                )?;
-            }
-        }
         let mut loaded = Loaded {
             ebpf,
             state4,
             state6,
             attached: BTreeSet::new(),
+            cgroup_attached: false,
+            sizes: maps::current_sizes(dir)?,
         };
+        self.attach_cgroup(&mut loaded)?;
         self.attach_interfaces(&mut loaded)?;
+        // The new programs are attached: the replaced maps' previous copies can go.
+        maps::finish(dir, &replaced)?;
         Ok(loaded)
+    }
+
+    /// Attach the socket programs to `cgroup_root`, make-before-break over the links of a
+    /// previous run (or of the programs before a growth).
+    fn attach_cgroup(&self, l: &mut Loaded) -> Result<(), DataplaneError> {
+        if self.opts.cgroup_root.as_os_str().is_empty() {
+            l.cgroup_attached = true;
+            return Ok(());
+        }
+        let cg = &self.opts.cgroup_root;
+        let cgf = std::fs::File::open(cg)
+            .map_err(|e| io(format!("opening cgroup {}", cg.display()), e))?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = l
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| other(name, "missing"))?
+                .try_into()
+                .map_err(|e| other(name, e))?;
+            // aya attaches with bpf_link_create (kernel >= 5.7); a cgroup link takes no
+            // flags (cgroup_bpf_link_attach rejects any) and always coexists with other
+            // links, so the previous run's program stays attached next to the new one
+            // until replace_link unpins it. `Single` is the flag-less mode.
+            let id = prog
+                .attach(&cgf, CgroupAttachMode::Single)
+                .map_err(|e| other(format!("attaching {name} to {}", cg.display()), e))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|e| other(name, e))?
+                .try_into()
+                .map_err(|e| other(name, e))?;
+            replace_link(
+                link,
+                &self.opts.pin_dir.join(format!("cgnew_{name}")),
+                &self.opts.pin_dir.join(format!("cg_{name}")),
+            )?;
+        }
+        l.cgroup_attached = true;
+        Ok(())
     }
 
     /// Attach the tc program to every wanted interface it is not attached to yet, and drop
@@ -697,6 +751,100 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// Plan each snapshot, grow the maps a plan does not fit in, write the plans.
+    fn sync_loaded(
+        &self,
+        l: &mut Loaded,
+        snapshots: &[Snapshot],
+        local: &[IpAddr],
+        outcome: &mut SyncOutcome,
+    ) -> Result<(), DataplaneError> {
+        for snap in snapshots {
+            let plan_err = |e| other("planning", e);
+            match snap.network.family {
+                IpFamily::V4 => {
+                    let want = desired(snap, local, &l.state4).map_err(plan_err)?;
+                    self.ensure_capacity(l, &capacity::needs(&l.state4, &want))?;
+                    sync_family(&mut l.ebpf, &mut l.state4, want, outcome)?
+                }
+                IpFamily::V6 => {
+                    let want = desired(snap, local, &l.state6).map_err(plan_err)?;
+                    self.ensure_capacity(l, &capacity::needs(&l.state6, &want))?;
+                    sync_family(&mut l.ebpf, &mut l.state6, want, outcome)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Grow the maps that cannot hold `needs` entries: new, bigger maps filled with the
+    /// current entries, the programs loaded against them and attached make-before-break
+    /// (tcx and cgroup links replaced, see `replace_link`), the pins replaced, the old
+    /// programs and maps released. The maps of live flows (conntrack, affinity, socket NAT)
+    /// are adopted by the new programs through their pins, so no connection notices.
+    fn ensure_capacity(
+        &self,
+        l: &mut Loaded,
+        needs: &[(&'static str, usize)],
+    ) -> Result<(), DataplaneError> {
+        let growth = capacity::growth(needs, &l.sizes).map_err(|e| other("map capacity", e))?;
+        if growth.is_empty() {
+            return Ok(());
+        }
+        let dir = &self.opts.pin_dir;
+        let mut sizes = Sizes {
+            configured: self.opts.map_sizes,
+            grown: l.sizes.clone(),
+        };
+        let mut replaced = Vec::new();
+        for &(name, old, new) in &growth {
+            let need = needs.iter().find(|n| n.0 == name).map_or(0, |n| n.1);
+            tracing::info!("map {name}: growing from {old} to {new} entries ({need} needed)");
+            sizes.grown.insert(name, new);
+            match maps::set_aside(dir, name, true, Vec::new()) {
+                Ok(r) => replaced.push(r),
+                Err(e) => {
+                    maps::restore(dir, &replaced);
+                    return Err(e);
+                }
+            }
+        }
+        let fail = |e: DataplaneError| {
+            let what: Vec<String> = growth
+                .iter()
+                .map(|(n, old, new)| format!("{n} {old} -> {new}"))
+                .collect();
+            other(format!("growing maps ({})", what.join(", ")), e)
+        };
+        let ebpf = match load_object_sized(Some(dir), &sizes)
+            .and_then(|e| maps::copy_replaced(dir, &replaced, false).map(|()| e))
+        {
+            Ok(e) => e,
+            Err(e) => {
+                maps::restore(dir, &replaced);
+                return Err(fail(e));
+            }
+        };
+        // From here the new maps are pinned and hold everything: the new programs become
+        // the instance even if an attach fails (the next sync retries the attaches).
+        let mut next = Loaded {
+            ebpf,
+            state4: std::mem::take(&mut l.state4),
+            state6: std::mem::take(&mut l.state6),
+            attached: BTreeSet::new(),
+            cgroup_attached: false,
+            sizes: sizes.grown.clone(),
+        };
+        let res = self
+            .attach_cgroup(&mut next)
+            .and_then(|()| self.attach_interfaces(&mut next));
+        // Dropping the previous instance closes its program and map fds; its links were
+        // unpinned by replace_link, so it is detached and freed.
+        *l = next;
+        res.map_err(fail)?;
+        maps::finish(dir, &replaced)
+    }
+
     fn local_addrs() -> Result<Vec<IpAddr>, DataplaneError> {
         let mut out = BTreeSet::new();
         for a in nix::ifaddrs::getifaddrs().map_err(|e| io("getifaddrs", e.into()))? {
@@ -722,7 +870,12 @@ impl Dataplane for EbpfDataplane {
         match self.loaded.take() {
             None => self.loaded = Some(self.start()?),
             Some(mut l) => {
-                let res = self.attach_interfaces(&mut l);
+                let res = if l.cgroup_attached {
+                    Ok(())
+                } else {
+                    self.attach_cgroup(&mut l)
+                };
+                let res = res.and_then(|()| self.attach_interfaces(&mut l));
                 self.loaded = Some(l);
                 res?;
             }
@@ -732,20 +885,12 @@ impl Dataplane for EbpfDataplane {
             full: true,
             ..Default::default()
         };
-        let Some(l) = self.loaded.as_mut() else {
+        let Some(mut l) = self.loaded.take() else {
             return Err(other("ebpf", "not loaded"));
         };
-        for snap in request.snapshots {
-            match snap.network.family {
-                IpFamily::V4 => {
-                    sync_family(&mut l.ebpf, &mut l.state4, snap, &local, &mut outcome)?
-                }
-                IpFamily::V6 => {
-                    sync_family(&mut l.ebpf, &mut l.state6, snap, &local, &mut outcome)?
-                }
-            }
-        }
-        Ok(outcome)
+        let res = self.sync_loaded(&mut l, request.snapshots, &local, &mut outcome);
+        self.loaded = Some(l);
+        res.map(|()| outcome)
     }
 
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
@@ -776,6 +921,9 @@ impl Dataplane for EbpfDataplane {
             // Only what we pin: our map names and our link pins. Removing a link's last pin
             // (no fd open any more) detaches it.
             if names::ALL.contains(&name.as_str())
+                || name
+                    .strip_prefix("old_")
+                    .is_some_and(|n| names::ALL.contains(&n))
                 || name.starts_with("tcx")
                 || name.starts_with("cg")
             {

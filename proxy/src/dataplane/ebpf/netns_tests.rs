@@ -265,6 +265,7 @@ fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
         cgroup_root: lab.cgroup.clone(),
         pin_dir: lab.bpffs.join("shunt"),
         interfaces: Interfaces::All,
+        ..Default::default()
     };
     let mut web = svc("web", "172.30.0.10", vec![ep("10.1.1.2", false)]);
     web.port.node_port = Some(30080);
@@ -484,6 +485,7 @@ fn ipv6_clusterip_from_pod_and_node() {
         cgroup_root: lab.cgroup.clone(),
         pin_dir: lab.bpffs.join("shunt"),
         interfaces: Interfaces::All,
+        ..Default::default()
     };
     let mut dns = svc6("dns", "fd00:172:30::12", vec![ep("fd01:2::2", false)]);
     dns.port.name.protocol = crate::model::Protocol::Udp;

@@ -36,6 +36,8 @@ use shunt_abi::{
 
 use crate::model::{Endpoint, IpFamily, LocalDetector, NodePortIps, ServicePortState, Snapshot};
 
+pub mod capacity;
+
 /// One IP family: its addresses in userspace (`Ip`) and on the wire / in the maps (`Wire`).
 pub trait Family: Clone + Copy + Debug + Default + PartialEq + Eq + 'static {
     type Ip: Copy + Ord + Debug + Hash;
@@ -298,7 +300,8 @@ pub fn desired<F: Family>(
     }
     let mut ids = Ids::new(
         st.backend_ids.values().copied().collect(),
-        limits::BACKENDS,
+        // Ids name hash-map keys, not slots: any u32 would do; bounded like the map.
+        capacity::MAX_ENTRIES,
         "backend",
     );
     for b in &backend_want {
@@ -314,7 +317,7 @@ pub fn desired<F: Family>(
     // rev_nat_id is a u16 in service values and affinity keys.
     let mut ids = Ids::new(
         st.rev_nat_ids.values().copied().collect(),
-        u32::from(u16::MAX).min(limits::REVNAT),
+        u32::from(u16::MAX),
         "reverse-NAT",
     );
     for f in &frontend_want {
@@ -511,13 +514,19 @@ fn put_frontend<F: Family>(
     Ok(())
 }
 
+/// Refuse a plan no map could hold. The maps userspace fills grow (see [`capacity`]), so
+/// they are checked against the most they may grow to; the others have fixed sizes.
 fn check<F: Family>(st: &State<F>) -> Result<(), PlanError> {
     let m = F::MAPS;
     let sizes: [(&'static str, usize, u32); 5] = [
-        (m.services, st.services.len(), limits::SERVICES),
-        (m.backends, st.backends.len(), limits::BACKENDS),
+        (m.services, st.services.len(), capacity::ceiling(m.services)),
+        (m.backends, st.backends.len(), capacity::ceiling(m.backends)),
         (m.src_range, st.src_ranges.len(), limits::SRC_RANGES),
-        (m.cluster_ip, st.cluster_ips.len(), limits::CLUSTER_IPS),
+        (
+            m.cluster_ip,
+            st.cluster_ips.len(),
+            capacity::ceiling(m.cluster_ip),
+        ),
         (
             m.service_cidr,
             st.service_cidrs.len().max(st.local_cidrs.len()),

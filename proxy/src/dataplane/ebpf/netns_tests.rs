@@ -552,3 +552,346 @@ fn ipv6_clusterip_from_pod_and_node() {
     });
     assert!(!opts.pin_dir.exists());
 }
+
+/// Echoes every line of every connection on :8081 until the client closes.
+const ECHO_SERVER: &str = "import socket,threading\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('0.0.0.0',8081))\ns.listen(16)\ndef h(c):\n  f=c.makefile('rb',0)\n  for l in f:\n    c.sendall(b'echo '+l)\n  c.close()\nwhile True:\n  c,a=s.accept()\n  threading.Thread(target=h,args=(c,),daemon=True).start()\n";
+
+/// A long-lived TCP connection to argv[1]:80: one exchange, then (bounded, 60 s) wait for
+/// the file argv[2] to exist, then a second exchange on the same connection.
+const LONG_CLIENT: &str = "import socket,sys,os,time\ns=socket.create_connection((sys.argv[1],80),timeout=5)\ns.sendall(b'one\\n')\nprint(s.recv(100).decode().strip(),flush=True)\nfor _ in range(600):\n  if os.path.exists(sys.argv[2]): break\n  time.sleep(0.1)\ntry:\n  s.sendall(b'two\\n')\n  print(s.recv(100).decode().strip(),flush=True)\nexcept Exception as e:\n  print(type(e).__name__,flush=True)\n";
+
+/// A [`LONG_CLIENT`] in namespace `ns`; killed on drop, its go-file removed.
+struct LongClient {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    go: PathBuf,
+}
+
+impl LongClient {
+    fn start(lab: &Lab, ns: &str, addr: &str, tag: &str) -> LongClient {
+        let go = std::env::temp_dir().join(format!("{}-{tag}-go", lab.tag));
+        let _ = std::fs::remove_file(&go);
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns(ns),
+                "python3",
+                "-c",
+                LONG_CLIENT,
+                addr,
+            ])
+            .arg(&go)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("long-lived client");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        LongClient { child, out, go }
+    }
+    /// The next line the client prints (it prints within its socket timeout or exits).
+    fn line(&mut self) -> String {
+        use std::io::BufRead as _;
+        let mut l = String::new();
+        let _ = self.out.read_line(&mut l);
+        l.trim().to_string()
+    }
+    fn go(&mut self) -> String {
+        std::fs::write(&self.go, b"").unwrap();
+        self.line()
+    }
+}
+
+impl Drop for LongClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.go);
+    }
+}
+
+/// Waits (bounded, 5 s) until something listens on TCP `port` in namespace `n`.
+fn wait_listen(lab: &Lab, n: &str, port: u16) {
+    for _ in 0..50 {
+        if lab
+            .exec(n, &["ss", "-Hltn", &format!("sport = :{port}")])
+            .is_ok_and(|o| o.lines().count() >= 1)
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("nothing listens on :{port} in {n}");
+}
+
+fn pinned_size(dir: &std::path::Path, name: &str) -> u32 {
+    maps::pinned_def(&dir.join(name)).unwrap().max_entries
+}
+
+fn lb_sizes(lb: u32, ct_tcp: Option<u32>, ct_any: Option<u32>) -> MapSizes {
+    MapSizes::resolve(
+        &capacity::CapacityFlags {
+            lb_map_max: Some(lb),
+            ct_tcp_max: ct_tcp,
+            ct_any_max: ct_any,
+            ..Default::default()
+        },
+        0,
+    )
+}
+
+/// Maps sized for 1,024 entries; a plan with ~3,600 backends and ~300 Services makes the
+/// agent grow the service, backend, reverse-NAT and ClusterIP maps (new maps, programs
+/// re-attached make-before-break) while a TCP connection through a Service stays open: it
+/// still works after the growth, and after a restart with other conntrack sizes (its
+/// conntrack map replaced, the entries copied).
+#[test]
+fn maps_grow_and_resize_without_dropping_a_connection() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for netns, bpffs and tcx");
+        return;
+    }
+    if !std::path::Path::new(CGROUP2).join("cgroup.procs").exists() {
+        eprintln!("skipped: no cgroup v2 at {CGROUP2}");
+        return;
+    }
+    for tool in ["ip", "ethtool", "python3", "ss"] {
+        if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+            eprintln!("skipped: {tool} missing");
+            return;
+        }
+    }
+    let mut lab = match setup_tagged("g") {
+        Ok(l) => l,
+        Err(e) => panic!("lab setup: {e}"),
+    };
+    lab.serve("b", &[SERVER, ECHO_SERVER], 1);
+    wait_listen(&lab, "b", 8081);
+    let mut opts = EbpfOptions {
+        cgroup_root: lab.cgroup.clone(),
+        pin_dir: lab.bpffs.join("shunt"),
+        interfaces: Interfaces::All,
+        map_sizes: lb_sizes(1024, None, None),
+    };
+    let dir = opts.pin_dir.clone();
+    let mut echo = ep("10.1.1.2", false);
+    echo.port = 8081;
+    let base = vec![
+        svc("web", "172.30.0.10", vec![ep("10.1.1.2", false)]),
+        svc("long", "172.30.0.20", vec![echo]),
+    ];
+    let with_net = |mut s: Snapshot| {
+        s.network.primary_ip = Some("10.1.0.1".parse().unwrap());
+        s.network.node_port_ips =
+            crate::model::NodePortIps::Addresses(vec!["10.1.0.1".parse().unwrap()]);
+        s
+    };
+    let small = with_net(snap(base.clone()));
+    let mut big = base;
+    big.push(svc("new", "172.30.0.21", vec![ep("10.1.1.2", false)]));
+    for i in 0..300u32 {
+        let eps = (1..=12)
+            .map(|j| ep(&format!("10.{}.{}.{j}", 2 + i / 250, i % 250), false))
+            .collect();
+        big.push(svc(
+            &format!("bulk{i}"),
+            &format!("172.30.{}.{}", 1 + i / 250, 1 + i % 250),
+            eps,
+        ));
+    }
+    let big = with_net(snap(big));
+
+    let mut dp = in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        sync(&mut dp, &small);
+        dp
+    });
+    assert_eq!(pinned_size(&dir, names::BACKENDS4), 1024);
+    assert_eq!(pinned_size(&dir, names::REVNAT4), 256);
+    let ct_size = pinned_size(&dir, names::CT4);
+    let map_id = |n: &str| aya::maps::MapInfo::from_pin(dir.join(n)).unwrap().id();
+    let (ct_id, be_id) = (map_id(names::CT4), map_id(names::BACKENDS4));
+    let mut long = LongClient::start(&lab, "c", "172.30.0.20", "1");
+    assert_eq!(long.line(), "echo one");
+
+    in_node(&lab, || {
+        sync(&mut dp, &big);
+        for dev in ["toc", "tob"] {
+            assert_eq!(
+                tcx_count_settled(dev, 1),
+                1,
+                "{dev}: the old program detached"
+            );
+        }
+    });
+    let sizes = dp.loaded.as_ref().unwrap().sizes.clone();
+    for (name, want) in [
+        (names::SERVICES4, 8192),
+        (names::BACKENDS4, 8192),
+        (names::REVNAT4, 512),
+        (names::CLUSTER_IP4, 512),
+    ] {
+        assert_eq!(sizes[name], want, "{name}");
+        assert_eq!(pinned_size(&dir, name), want, "{name} pinned");
+    }
+    // Nothing grew in the other family or among the maps of live flows.
+    assert_eq!(pinned_size(&dir, names::BACKENDS6), 1024);
+    assert_eq!(pinned_size(&dir, names::CT4), ct_size);
+    assert_eq!(map_id(names::CT4), ct_id, "the same conntrack map, adopted");
+    assert_ne!(map_id(names::BACKENDS4), be_id, "a new backend map");
+    assert!(!maps::aside_path(&dir, names::BACKENDS4).exists());
+    let st = read_state::<V4>(&mut dp.loaded.as_mut().unwrap().ebpf).unwrap();
+    assert_eq!(st.backends.len(), 3_602, "the grown maps hold the plan");
+    assert_eq!(
+        connect(&lab, "172.30.0.21"),
+        "hello 10.1.0.9",
+        "a new Service"
+    );
+    assert_eq!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
+    assert_eq!(
+        long.go(),
+        "echo two",
+        "the long-lived connection survived the growth"
+    );
+    drop(long);
+
+    // Restart with other conntrack sizes: the conntrack maps are replaced with their
+    // entries, the grown maps (bigger than configured) adopted as they are.
+    let mut long = LongClient::start(&lab, "c", "172.30.0.20", "2");
+    assert_eq!(long.line(), "echo one");
+    // This flow's conntrack entries (client -> ClusterIP, and the backend's reply).
+    let flows = |dp: &mut EbpfDataplane| -> std::collections::HashSet<shunt_abi::CtKey<u32>> {
+        let l = dp.loaded.as_mut().unwrap();
+        let ct = hash::<shunt_abi::CtKey<u32>, shunt_abi::CtValue<u32>>(&mut l.ebpf, names::CT4)
+            .unwrap();
+        let svc = shunt_abi::addr4([172, 30, 0, 20]);
+        let be = shunt_abi::addr4([10, 1, 1, 2]);
+        ct.keys()
+            .map(|k| k.unwrap())
+            .filter(|k| {
+                (k.daddr == svc && k.dport == shunt_abi::port(80))
+                    || (k.saddr == be && k.sport == shunt_abi::port(8081))
+            })
+            .collect()
+    };
+    let before = flows(&mut dp);
+    assert!(!before.is_empty());
+    drop(dp);
+    opts.map_sizes = lb_sizes(1024, Some(4096), Some(4096));
+    let mut dp = in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        sync(&mut dp, &big);
+        dp
+    });
+    assert_eq!(pinned_size(&dir, names::CT4), 8192);
+    assert_ne!(map_id(names::CT4), ct_id, "a new conntrack map");
+    let after = flows(&mut dp);
+    assert!(
+        before.is_subset(&after),
+        "entries copied: {before:?} {after:?}"
+    );
+    assert_eq!(pinned_size(&dir, names::BACKENDS4), 8192);
+    assert!(!maps::aside_path(&dir, names::CT4).exists());
+    assert_eq!(
+        long.go(),
+        "echo two",
+        "the connection survived its conntrack map's replacement"
+    );
+    assert_eq!(connect(&lab, "172.30.0.21"), "hello 10.1.0.9");
+    in_node(&lab, || dp.cleanup().unwrap());
+    assert!(!dir.exists());
+}
+
+/// Pins made with other sizes (an older shunt, other flags) are replaced by maps of the
+/// configured sizes holding the same entries; pins of the configured sizes are adopted.
+#[test]
+fn pins_of_other_sizes_are_replaced_with_their_entries() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for bpffs");
+        return;
+    }
+    let lab = match setup_tagged("m") {
+        Ok(l) => l,
+        Err(e) => panic!("lab setup: {e}"),
+    };
+    let dir = lab.bpffs.join("shunt");
+    std::fs::create_dir_all(&dir).unwrap();
+    let old = Sizes {
+        configured: lb_sizes(1024, Some(1024), Some(1024)),
+        grown: Default::default(),
+    };
+    let new = Sizes::default();
+    let mut ebpf = load_object_sized(Some(&dir), &old).unwrap();
+    let ck = |i: u32| shunt_abi::CtKey::<u32> {
+        saddr: i,
+        dport: 80,
+        proto: 6,
+        ..Default::default()
+    };
+    {
+        let mut ct =
+            hash::<shunt_abi::CtKey<u32>, shunt_abi::CtValue<u32>>(&mut ebpf, names::CT4).unwrap();
+        for i in 1..=10 {
+            let v = shunt_abi::CtValue::<u32> {
+                backend_id: i,
+                ..Default::default()
+            };
+            ct.insert(ck(i), v, 0).unwrap();
+        }
+        let mut be = hash::<u32, Backend<u32>>(&mut ebpf, names::BACKENDS4).unwrap();
+        for i in 1..=10 {
+            let b = Backend::<u32> {
+                addr: i,
+                port: 80,
+                proto: 6,
+                flags: 0,
+            };
+            be.insert(i, b, 0).unwrap();
+        }
+    }
+    drop(ebpf);
+    // The kernel reports what the object asks for: same sizes, nothing to replace.
+    let same = maps::check_pins(&dir, &maps::wanted_defs(OBJECT, &old).unwrap()).unwrap();
+    assert_eq!(same, vec![]);
+
+    let replaced = maps::check_pins(&dir, &maps::wanted_defs(OBJECT, &new).unwrap()).unwrap();
+    let names_replaced: Vec<&str> = replaced.iter().map(|r| r.name).collect();
+    for n in [names::BACKENDS4, names::CT4, names::CT6, names::AFFINITY4] {
+        assert!(names_replaced.contains(&n), "{n} in {names_replaced:?}");
+    }
+    // Same definition: adopted.
+    for n in [names::CONFIG4, names::SOCK_REVNAT4, names::STATS] {
+        assert!(!names_replaced.contains(&n), "{n} in {names_replaced:?}");
+    }
+    assert!(replaced.iter().all(|r| r.copy), "{replaced:?}");
+    let mut ebpf = load_object_sized(Some(&dir), &new).unwrap();
+    maps::copy_replaced(&dir, &replaced, false).unwrap();
+    maps::finish(&dir, &replaced).unwrap();
+    for r in &replaced {
+        assert!(!maps::aside_path(&dir, r.name).exists(), "{}", r.name);
+    }
+    assert_eq!(pinned_size(&dir, names::CT4), shunt_abi::limits::CT);
+    assert_eq!(
+        pinned_size(&dir, names::BACKENDS4),
+        shunt_abi::limits::BACKENDS
+    );
+    let ct = hash::<shunt_abi::CtKey<u32>, shunt_abi::CtValue<u32>>(&mut ebpf, names::CT4).unwrap();
+    let mut got: Vec<u32> = ct.iter().map(|kv| kv.unwrap().1.backend_id).collect();
+    got.sort_unstable();
+    assert_eq!(got, (1..=10).collect::<Vec<_>>(), "conntrack entries kept");
+    assert_eq!(ct.get(&ck(3), 0).unwrap().backend_id, 3);
+    let be = hash::<u32, Backend<u32>>(&mut ebpf, names::BACKENDS4).unwrap();
+    assert_eq!(be.iter().count(), 10, "backends kept");
+    assert_eq!(be.get(&7, 0).unwrap().addr, 7);
+    drop(ebpf);
+    // Now they match.
+    let again = maps::check_pins(&dir, &maps::wanted_defs(OBJECT, &new).unwrap()).unwrap();
+    assert_eq!(again, vec![]);
+    let mut dp = EbpfDataplane::new(EbpfOptions {
+        pin_dir: dir.clone(),
+        interfaces: Interfaces::Named(vec![]),
+        ..Default::default()
+    })
+    .unwrap();
+    dp.cleanup().unwrap();
+    assert!(!dir.exists());
+}

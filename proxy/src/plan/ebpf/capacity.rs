@@ -424,7 +424,12 @@ mod tests {
         let n: BTreeMap<_, _> = needs::<V4>(&old, &new).into_iter().collect();
         // Freed ids are reused, so a key written in place counts once.
         let keys = |a: &State4, b: &State4| {
-            let mut k: Vec<u32> = a.backends.keys().chain(b.backends.keys()).copied().collect();
+            let mut k: Vec<u32> = a
+                .backends
+                .keys()
+                .chain(b.backends.keys())
+                .copied()
+                .collect();
             k.sort_unstable();
             k.dedup();
             k.len()

@@ -98,6 +98,10 @@ be_map=/sys/fs/bpf/shunt/SHUNT_BE4
 if [ "$mode" = ebpf ]; then
     n=$(nsenter --target "$pid" --mount --net bpftool map dump pinned "$be_map" | grep -c '^key' || true)
     echo "ebpf: $n backends in $be_map"
+    # The maps' sizes after the cold sync (they grow when the cluster needs more entries).
+    for m in SHUNT_SVC4 SHUNT_BE4 SHUNT_REVNAT4 SHUNT_CIP4 SHUNT_CT4; do
+        printf 'ebpf: %s max_entries %s\n' "$m" "$(nsenter --target "$pid" --mount --net bpftool map show pinned "/sys/fs/bpf/shunt/$m" | sed -n 's/.*max_entries \([0-9]*\).*/\1/p')"
+    done
 fi
 if [ "$mode" = iptables ]; then
 # svc0's SHUNT-SVC-* chain (the target of its cluster IP rule) gets the new endpoint's jump

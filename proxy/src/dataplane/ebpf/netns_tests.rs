@@ -240,21 +240,29 @@ fn sync(dp: &mut EbpfDataplane, s: &Snapshot) {
     .expect("sync");
 }
 
-#[test]
-fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
+/// Whether a lab test can run here (root, cgroup v2, `tools`); prints why not.
+fn can_run(tools: &[&str]) -> bool {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root for netns, bpffs and tcx");
-        return;
+        return false;
     }
     if !std::path::Path::new(CGROUP2).join("cgroup.procs").exists() {
         eprintln!("skipped: no cgroup v2 at {CGROUP2}");
-        return;
+        return false;
     }
-    for tool in ["ip", "ethtool", "python3", "mount"] {
+    for tool in tools {
         if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
             eprintln!("skipped: {tool} missing");
-            return;
+            return false;
         }
+    }
+    true
+}
+
+#[test]
+fn clusterip_tcp_through_tcx_with_restart_and_cleanup() {
+    if !can_run(&["ip", "ethtool", "python3", "mount"]) {
+        return;
     }
     let mut lab = match setup() {
         Ok(l) => l,
@@ -443,19 +451,8 @@ fn udp6_from_node(lab: &Lab, addr: &str) -> String {
 /// own TCP and UDP go through connect6/getpeername6 and sendmsg6/recvmsg6.
 #[test]
 fn ipv6_clusterip_from_pod_and_node() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for netns, bpffs and tcx");
+    if !can_run(&["ip", "ethtool", "python3", "mount"]) {
         return;
-    }
-    if !std::path::Path::new(CGROUP2).join("cgroup.procs").exists() {
-        eprintln!("skipped: no cgroup v2 at {CGROUP2}");
-        return;
-    }
-    for tool in ["ip", "ethtool", "python3", "mount"] {
-        if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
-            eprintln!("skipped: {tool} missing");
-            return;
-        }
     }
     let mut lab = setup_tagged("v6").unwrap_or_else(|e| panic!("lab setup: {e}"));
     // IPv6 beside the IPv4 the lab already has; nodad: usable at once.
@@ -646,19 +643,8 @@ fn lb_sizes(lb: u32, ct_tcp: Option<u32>, ct_any: Option<u32>) -> MapSizes {
 /// conntrack map replaced, the entries copied).
 #[test]
 fn maps_grow_and_resize_without_dropping_a_connection() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for netns, bpffs and tcx");
+    if !can_run(&["ip", "ethtool", "python3", "ss"]) {
         return;
-    }
-    if !std::path::Path::new(CGROUP2).join("cgroup.procs").exists() {
-        eprintln!("skipped: no cgroup v2 at {CGROUP2}");
-        return;
-    }
-    for tool in ["ip", "ethtool", "python3", "ss"] {
-        if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
-            eprintln!("skipped: {tool} missing");
-            return;
-        }
     }
     let mut lab = match setup_tagged("g") {
         Ok(l) => l,
@@ -805,8 +791,8 @@ fn maps_grow_and_resize_without_dropping_a_connection() {
 /// configured sizes holding the same entries; pins of the configured sizes are adopted.
 #[test]
 fn pins_of_other_sizes_are_replaced_with_their_entries() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for bpffs");
+    // The lab (namespaces unused here) brings the private bpffs and its cleanup.
+    if !can_run(&["ip", "ethtool", "mount"]) {
         return;
     }
     let lab = match setup_tagged("m") {

@@ -6,7 +6,10 @@
 //! Restart: the maps are pinned by name (`EbpfLoader::map_pin_path`, which re-uses a pinned
 //! map when the file exists), so conntrack entries and backend ids survive a restart and
 //! established connections keep flowing; the current map content is read back and becomes
-//! the base of the next diff. tcx links are pinned too (`tcx_<ifindex>`): a restart attaches
+//! the base of the next diff. Before that, each pin's definition is compared with what the
+//! object and the size flags would create, and a differing map replaced (entries copied
+//! when the layout allows); the maps userspace fills grow when a plan needs more entries
+//! (`maps`, `EbpfDataplane::ensure_capacity`). tcx links are pinned too (`tcx_<ifindex>`): a restart attaches
 //! the new program first and only then unpins the old link (make-before-break; two programs
 //! in the chain share the maps, and the second finds nothing to do on a packet the first
 //! already translated).

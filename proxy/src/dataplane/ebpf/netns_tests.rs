@@ -872,6 +872,53 @@ fn pins_of_other_sizes_are_replaced_with_their_entries() {
     // Now they match.
     let again = maps::check_pins(&dir, &maps::wanted_defs(OBJECT, &new).unwrap()).unwrap();
     assert_eq!(again, vec![]);
+
+    // A layout that cannot be copied (here an array of 8-byte values where the backend
+    // hash is: same key and value sizes, another type) is replaced by an empty map.
+    std::fs::remove_file(dir.join(names::BACKENDS6)).unwrap();
+    let private = load_object(None).unwrap();
+    private
+        .map(names::CONFIG4)
+        .unwrap()
+        .pin(dir.join(names::BACKENDS6))
+        .unwrap();
+    drop(private);
+    let replaced = maps::check_pins(&dir, &maps::wanted_defs(OBJECT, &new).unwrap()).unwrap();
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert_eq!(replaced[0].name, names::BACKENDS6);
+    assert!(!replaced[0].copy);
+    assert!(
+        replaced[0]
+            .differs
+            .iter()
+            .any(|d| d.starts_with("type 2 -> 1")),
+        "{replaced:?}"
+    );
+    let mut ebpf = load_object_sized(Some(&dir), &new).unwrap();
+    maps::copy_replaced(&dir, &replaced, false).unwrap();
+    maps::finish(&dir, &replaced).unwrap();
+    let want6 = maps::wanted_defs(OBJECT, &new).unwrap()[names::BACKENDS6];
+    assert_eq!(
+        maps::pinned_def(&dir.join(names::BACKENDS6)).unwrap(),
+        want6
+    );
+    let be6 = hash::<u32, Backend<[u32; 4]>>(&mut ebpf, names::BACKENDS6).unwrap();
+    assert_eq!(be6.iter().count(), 0, "started empty");
+    drop(ebpf);
+
+    // A run that died mid-replacement: a lone aside pin is put back (and adopted, being
+    // right); an aside pin next to a new one is dropped.
+    let wanted = maps::wanted_defs(OBJECT, &new).unwrap();
+    let (ct, ct_aside) = (dir.join(names::CT4), maps::aside_path(&dir, names::CT4));
+    std::fs::rename(&ct, &ct_aside).unwrap();
+    assert_eq!(maps::check_pins(&dir, &wanted).unwrap(), vec![]);
+    assert!(ct.exists() && !ct_aside.exists());
+    aya::maps::MapData::from_pin(&ct)
+        .unwrap()
+        .pin(&ct_aside)
+        .unwrap();
+    assert_eq!(maps::check_pins(&dir, &wanted).unwrap(), vec![]);
+    assert!(ct.exists() && !ct_aside.exists());
     let mut dp = EbpfDataplane::new(EbpfOptions {
         pin_dir: dir.clone(),
         interfaces: Interfaces::Named(vec![]),

@@ -733,6 +733,11 @@ fn maps_grow_and_resize_without_dropping_a_connection() {
         "a new Service"
     );
     assert_eq!(connect(&lab, "172.30.0.10"), "hello 10.1.0.9");
+    // The node's own sockets: the socket programs were re-attached against the new maps.
+    assert_eq!(
+        connect_from_node(&lab, "172.30.0.21"),
+        "hello 10.1.1.1 172.30.0.21"
+    );
     assert_eq!(
         long.go(),
         "echo two",

@@ -117,11 +117,20 @@ fn replace(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         .iter()
         .filter(|(_, r)| r.as_deref() == Ok(UDP_OLD.name))
         .count();
+    // A miss here has nothing to do with a backend change: name when it happened and what
+    // the client saw (a receive timeout, an error), so a load stall tells itself apart from
+    // a dataplane fault.
+    let misses_before: String = before
+        .iter()
+        .filter(|(_, r)| r.as_deref() != Ok(UDP_OLD.name))
+        .take(3)
+        .map(|(t, r)| format!("; miss {} ms after the start: {r:?}", t.as_millis()))
+        .collect();
     rep.check(
         ok_before > 0 && ok_before == before.len(),
         "answered by the first backend before the replacement",
         &format!(
-            "{ok_before} of {} datagrams answered by {}",
+            "{ok_before} of {} datagrams answered by {}{misses_before}",
             before.len(),
             UDP_OLD.name
         ),

@@ -43,6 +43,9 @@ use aya_ebpf::{
     },
     programs::{SockAddrContext, TcContext},
 };
+#[path = "icmp_err.rs"]
+mod icmp_err;
+
 use shunt_abi::{
     AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, RevNat, SNAT_PORT_MAX,
     SNAT_PORT_MIN, Service4Value, ServiceKey, SockFwd, SockRevNat4Key, SockRevNat6Key, SrcRange,
@@ -655,7 +658,11 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
     // the next one starts there (redirected packets are processed later, from the backlog).
     let sc = unsafe { &mut *sc };
     if F::parse(ctx, &mut sc.p).is_none() {
-        return Ok(TCX_NEXT);
+        // ICMP errors quoting a translated flow (icmp_err.rs); anything else is not ours.
+        if !icmp_err::translate::<F>(ctx, &mut sc.p, &mut sc.icmp, &mut sc.ct_key, &mut sc.act)? {
+            return Ok(TCX_NEXT);
+        }
+        return Ok(deliver::<F>(ctx, &sc.p, &sc.act));
     }
     let p = &sc.p;
     sc.ct_key = CtKey {
@@ -677,11 +684,18 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
             Step::Commit => commit::<F>(ctx, p, &sc.ct_key, &sc.flow, &mut sc.act)?,
         }
     }
-    Ok(match sc.act {
+    Ok(deliver::<F>(ctx, p, &sc.act))
+}
+
+/// Carry out a translated packet's `Action` (inlined: `forward` stays a call from
+/// `try_ingress`, see there).
+#[inline(always)]
+fn deliver<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, act: &Action<F::A>) -> i32 {
+    match *act {
         Action::Verdict(v) => v,
         Action::Forward { src, dst } => forward::<F>(ctx, p, src, dst),
         Action::Loopback => to_loopback(ctx),
-    })
+    }
 }
 
 /// Per-CPU scratch memory of one tc program run (map `SHUNT_SCRATCH4`/`6`, not pinned):
@@ -691,6 +705,7 @@ pub struct Scratch<A> {
     ct_key: CtKey<A>,
     flow: Flow<A>,
     act: Action<A>,
+    icmp: icmp_err::Quote<A>,
 }
 
 /// What to do with a translated packet.

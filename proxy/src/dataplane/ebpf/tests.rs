@@ -923,3 +923,247 @@ fn ipv6_direct_connection_reusing_a_vip_flow_port_is_not_reverse_natted() {
     assert_eq!((rc, saddr6(&out), ports6(&out).0), (TCX_NEXT, v6(VIP6), 80));
     assert_checksums6(&out);
 }
+
+// ---- ICMP errors about translated flows (ebpf/src/icmp_err.rs) ----
+
+/// Ethernet + IPv4 + ICMP error `ty`/`code` (rest of header: `rest`, e.g. the MTU of a
+/// fragmentation-needed) quoting `quote` (an IP packet, possibly cut), checksums right.
+fn icmp4_error(src: [u8; 4], dst: [u8; 4], ty: u8, code: u8, rest: u32, quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = fold(sum(&icmp, 0));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0u8; 34];
+    p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    p[22] = 64;
+    p[23] = 1;
+    p[26..30].copy_from_slice(&src);
+    p[30..34].copy_from_slice(&dst);
+    let c = fold(sum(&p[14..34], 0));
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&icmp);
+    p
+}
+
+/// The outer IPv4 and ICMP checksums of an ICMP error, its quoted IPv4 header's checksum,
+/// and, when the quote is the whole packet, the quoted TCP/UDP checksum: all from scratch.
+fn assert_icmp4_checksums(p: &[u8]) {
+    assert_checksums(p);
+    let quote = &p[42..];
+    assert_eq!(fold(sum(&quote[..20], 0)), 0, "inner IPv4 header checksum");
+    if usize::from(u16::from_be_bytes([quote[2], quote[3]])) == quote.len() {
+        let mut inner = vec![0u8; 14];
+        inner.extend_from_slice(quote);
+        assert_checksums(&inner);
+    }
+}
+
+#[test]
+fn icmp_errors_about_a_dnatted_tcp_flow_reach_the_client_translated() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup(&one_backend());
+    let be = [10, 1, 0, 1];
+    let syn = packet(TCP, CLIENT, 40000, VIP, 80, SYN);
+    let (rc, dnatted) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr(&dnatted), be);
+
+    // The backend says "fragmentation needed, MTU 1400" about the packet it received:
+    // the client must see it from the ClusterIP, quoting exactly what it sent.
+    let err = icmp4_error(be, CLIENT, 3, 4, 1400, &dnatted[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    assert_eq!(out[34..36], [3, 4]);
+    assert_eq!(out[38..42], 1400u32.to_be_bytes());
+    assert_eq!(
+        &out[42..],
+        &syn[14..],
+        "the quote is the client's own packet again"
+    );
+    assert_icmp4_checksums(&out);
+
+    // A router's error (time exceeded), quoting only the RFC 792 minimum (header + 8
+    // bytes, no TCP checksum in reach): translated alike, its source the frontend too
+    // (netfilter rewrites the outer source of a DNATed connection's related errors).
+    let router = [10, 1, 0, 254];
+    let err = icmp4_error(router, CLIENT, 11, 0, 0, &dnatted[14..42]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    assert_eq!(&out[42..70], &syn[14..42]);
+    assert_icmp4_checksums(&out);
+
+    // An error about a flow nobody translated, and an echo request, pass untouched.
+    let other = packet(TCP, CLIENT, 40001, be, 8080, SYN);
+    let err = icmp4_error(be, CLIENT, 3, 4, 1400, &other[14..]);
+    assert_eq!(run(&mut ebpf, &err), (TCX_NEXT, err.clone()));
+    let echo = icmp4_error(be, CLIENT, 8, 0, 1, &[0u8; 8]);
+    assert_eq!(run(&mut ebpf, &echo), (TCX_NEXT, echo.clone()));
+}
+
+#[test]
+fn icmp_error_from_the_client_about_a_reply_reaches_the_backend_translated() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("u", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    s.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let be = [10, 1, 0, 1];
+    let (rc, _) = run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
+    assert_eq!(rc, TCX_NEXT);
+    let reply = packet(UDP, be, 8080, CLIENT, 5353, 0);
+    let (rc, rnatted) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&rnatted), sport(&rnatted)), (VIP, 80));
+
+    // The client's port unreachable about the answer it got from the ClusterIP goes to the
+    // backend, quoting the backend's own packet; its source (the client) stays.
+    let err = icmp4_error(CLIENT, VIP, 3, 3, 0, &rnatted[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), daddr(&out)), (CLIENT, be));
+    assert_eq!(&out[42..], &reply[14..]);
+    assert_icmp4_checksums(&out);
+
+    // A quoted UDP packet without checksum keeps none.
+    let mut nocsum = rnatted.clone();
+    nocsum[40] = 0;
+    nocsum[41] = 0;
+    let err = icmp4_error(CLIENT, VIP, 3, 3, 0, &nocsum[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((out[42 + 26], out[42 + 27]), (0, 0));
+    assert_eq!(u16::from_be_bytes([out[42 + 20], out[42 + 21]]), 8080);
+    assert_icmp4_checksums(&out);
+}
+
+#[test]
+fn icmp_error_about_a_masqueraded_flow_is_readdressed_to_the_client() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup(&one_backend());
+    let be = [10, 1, 0, 1];
+    let w = |a: [u8; 4]| u32::from_ne_bytes(a);
+    // The entries a masqueraded flow CLIENT:40000 -> VIP:80 => NODE:61000 -> BE:8080 has
+    // (written directly: masquerading needs a node IP, whose FIB path PROG_TEST_RUN cannot
+    // take; the packet's contents are what this checks).
+    let mut ct: HashMap<_, Ct4Key, Ct4Value> =
+        HashMap::try_from(ebpf.map_mut(names::CT4).unwrap()).unwrap();
+    let key = Ct4Key {
+        saddr: w(be),
+        daddr: w(NODE),
+        sport: 8080u16.to_be(),
+        dport: 61000u16.to_be(),
+        proto: TCP,
+        pad: [0; 3],
+    };
+    let val = Ct4Value {
+        nat_addr: w(VIP),
+        nat_port: 80u16.to_be(),
+        rev_nat_id: 1,
+        backend_id: 1,
+        dir: ct_dir::REPLY,
+        flags: shunt_abi::ct_flags::REDIRECT,
+        snat_port: 40000u16.to_be(),
+        snat_addr: w(CLIENT),
+        pad2: 0,
+        last_seen_ns: 0,
+    };
+    ct.insert(key, val, 0).unwrap();
+    let sent = packet(TCP, NODE, 61000, be, 8080, ACK);
+    let err = icmp4_error(be, NODE, 3, 4, 1400, &sent[14..]);
+    let (_, out) = run(&mut ebpf, &err);
+    // Forwarded (FIB lookup + redirect: TTL decremented), addressed to the client.
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    assert_eq!(out[22], 63);
+    let orig = packet(TCP, CLIENT, 40000, VIP, 80, ACK);
+    assert_eq!(&out[42..], &orig[14..]);
+    assert_icmp4_checksums(&out);
+}
+
+/// Ethernet + IPv6 + ICMPv6 error quoting `quote`, checksum right.
+fn icmp6_error(src: &str, dst: &str, ty: u8, code: u8, rest: u32, quote: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 54];
+    p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    p[14] = 0x60;
+    p[18..20].copy_from_slice(&((8 + quote.len()) as u16).to_be_bytes());
+    p[20] = 58;
+    p[21] = 64;
+    p[22..38].copy_from_slice(&a6(src));
+    p[38..54].copy_from_slice(&a6(dst));
+    p.extend_from_slice(&[ty, code, 0, 0]);
+    p.extend_from_slice(&rest.to_be_bytes());
+    p.extend_from_slice(quote);
+    let c = l4_csum6(&p);
+    p[56..58].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn assert_icmp6_checksums(p: &[u8]) {
+    assert_checksums6(p);
+    let quote = &p[62..];
+    if usize::from(u16::from_be_bytes([quote[4], quote[5]])) + 40 == quote.len() {
+        let mut inner = vec![0u8; 14];
+        inner.extend_from_slice(quote);
+        assert_checksums6(&inner);
+    }
+}
+
+#[test]
+fn ipv6_icmp_errors_about_translated_flows_are_translated_back() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup6(&snap6(vec![svc6("a", VIP6, vec![ep(BE6, false)])]));
+    let syn = packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN);
+    let (rc, dnatted) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_NEXT);
+
+    // Packet too big from the backend: the client sees it from the frontend, quoting its
+    // own packet (the ICMPv6 checksum covers the new pseudo-header and the new quote).
+    let err = icmp6_error(BE6, CLIENT6, 2, 0, 1280, &dnatted[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr6(&out), daddr6(&out)), (v6(VIP6), v6(CLIENT6)));
+    assert_eq!(out[58..62], 1280u32.to_be_bytes());
+    assert_eq!(&out[62..], &syn[14..]);
+    assert_icmp6_checksums(&out);
+
+    // Cut quote (header + 8 bytes): ports translated, no TCP checksum to fix.
+    let err = icmp6_error("fd00:10::fe", CLIENT6, 3, 0, 0, &dnatted[14..62]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(saddr6(&out), v6(VIP6));
+    assert_eq!(&out[62..], &syn[14..62]);
+    assert_icmp6_checksums(&out);
+
+    // The client's error about the frontend's answer goes to the backend.
+    let reply = packet6(TCP, BE6, 8080, CLIENT6, 40000, SYN | ACK);
+    let (rc, rnatted) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_NEXT);
+    let err = icmp6_error(CLIENT6, VIP6, 1, 4, 0, &rnatted[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr6(&out), daddr6(&out)), (v6(CLIENT6), v6(BE6)));
+    assert_eq!(&out[62..], &reply[14..]);
+    assert_icmp6_checksums(&out);
+
+    // Not about a translated flow, or not an error: untouched.
+    let other = packet6(TCP, CLIENT6, 40001, BE6, 8080, SYN);
+    let err = icmp6_error(BE6, CLIENT6, 2, 0, 1280, &other[14..]);
+    assert_eq!(run(&mut ebpf, &err), (TCX_NEXT, err.clone()));
+    let echo = icmp6_error(BE6, CLIENT6, 128, 0, 1, &[]);
+    assert_eq!(run(&mut ebpf, &echo), (TCX_NEXT, echo.clone()));
+}

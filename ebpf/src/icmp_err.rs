@@ -37,8 +37,9 @@
 //!   opposite amounts). ICMP errors are built with a full checksum by the sender's stack
 //!   (icmp_push_reply / icmpv6_push_pending_frames), never CHECKSUM_PARTIAL.
 //!
-//! Not handled (passes as before): errors in an IPv4 fragment, ICMPv6 behind extension
-//! headers, quotes of non-first fragments (no ports), quotes of SCTP or ICMP packets.
+//! Quotes of TCP, UDP and SCTP packets are translated (SCTP: ports only, see below). Not
+//! handled (passes as before): errors in an IPv4 fragment, ICMPv6 behind extension headers,
+//! quotes of non-first fragments (no ports), quotes of ICMP packets.
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR, bindings::tcx_action_base::TCX_NEXT, helpers::bpf_csum_diff,
     programs::TcContext,
@@ -47,7 +48,8 @@ use shunt_abi::{CtKey, ct_dir, ct_flags, stat};
 
 use super::{
     Action, Fam, IP_CSUM_OFF, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF, IP6_DADDR_OFF, IP6_HLEN,
-    IP6_SADDR_OFF, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Pkt, count, is_zero,
+    IP6_SADDR_OFF, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Pkt,
+    count, is_zero,
 };
 
 /// Where the parts of one ICMP error are, and what its quote says (per-CPU scratch memory,
@@ -132,7 +134,7 @@ fn parse<F: Fam>(ctx: &TcContext, q: &mut Quote<F::A>) -> Option<()> {
             inner + 24,
         )
     };
-    if iproto != IPPROTO_TCP && iproto != IPPROTO_UDP {
+    if iproto != IPPROTO_TCP && iproto != IPPROTO_UDP && iproto != IPPROTO_SCTP {
         return None;
     }
     let (so, d) = if v4 {
@@ -279,7 +281,10 @@ pub fn translate<F: Fam>(
     // The inner L4 checksum, where the quote holds it (netfilter updates it likewise,
     // l4proto manip_pkt on the inner header, pseudo-header included).
     let l4_csum_off = q.inner_l4 + if q.iproto == IPPROTO_UDP { 6 } else { 16 };
-    if let Ok(old) = ctx.load::<u16>(l4_csum_off)
+    // A quoted SCTP packet's CRC32c is left alone: the receiver (sctp_v4_err / sctp_v6_err)
+    // reads only the ports and verification tag, and a quote is usually cut anyway.
+    if q.iproto != IPPROTO_SCTP
+        && let Ok(old) = ctx.load::<u16>(l4_csum_off)
         && !(q.iproto == IPPROTO_UDP && old == 0)
     {
         let mut new = csum_update(old, d_addr + d_ports);

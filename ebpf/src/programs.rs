@@ -1,7 +1,7 @@
 //! Program entry points. Every map is a `#[map]` static (never `static mut`).
 //!
 //! The tc program runs at tcx ingress of the node's uplink and of every pod's host-side veth,
-//! i.e. before the kernel routes the packet. For IPv4 and IPv6 TCP/UDP it:
+//! i.e. before the kernel routes the packet. For IPv4 and IPv6 TCP/UDP/SCTP (sctp.rs) it:
 //!  1. looks the packet's 5-tuple up in the conntrack map: a FORWARD entry re-applies the DNAT
 //!     chosen for the flow's first packet, a REPLY entry rewrites the source back to the
 //!     frontend (reverse NAT of a backend's answer);
@@ -45,6 +45,8 @@ use aya_ebpf::{
 };
 #[path = "icmp_err.rs"]
 mod icmp_err;
+#[path = "sctp.rs"]
+mod sctp;
 
 use shunt_abi::{
     AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, RevNat, SNAT_PORT_MAX,
@@ -152,6 +154,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -326,7 +329,7 @@ impl Fam for V4 {
             return None;
         }
         let proto: u8 = ctx.load(IP_OFF + 9).ok()?;
-        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
             return None;
         }
         let hlen = u32::from(ihl) * 4;
@@ -493,7 +496,7 @@ impl Fam for V6 {
         }
     }
 
-    /// TCP or UDP directly after the fixed header. Extension headers (fragments included)
+    /// TCP, UDP or SCTP directly after the fixed header. Extension headers (fragments included)
     /// are not walked: such packets pass untranslated (see the crate docs).
     #[inline(always)]
     fn parse(ctx: &TcContext, out: &mut Pkt<[u32; 4]>) -> Option<()> {
@@ -502,7 +505,7 @@ impl Fam for V6 {
             return None;
         }
         let proto: u8 = ctx.load(IP_OFF + 6).ok()?;
-        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
             return None;
         }
         let l4_off = IP_OFF + IP6_HLEN;
@@ -683,6 +686,9 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
             Step::Reject => return reject::<F>(ctx, p),
             Step::Commit => commit::<F>(ctx, p, &sc.ct_key, &sc.flow, &mut sc.act)?,
         }
+    }
+    if p.proto == IPPROTO_SCTP {
+        sctp::fix_crc::<F>(ctx, p)?;
     }
     Ok(deliver::<F>(ctx, p, &sc.act))
 }
@@ -1201,6 +1207,10 @@ fn rewrite<F: Fam>(
     addr: F::A,
     port: u16,
 ) -> Result<(), ()> {
+    if p.proto == IPPROTO_SCTP {
+        // No pseudo-header, a CRC32c instead of the Internet checksum (sctp.rs).
+        return sctp::rewrite::<F>(ctx, p, dst, addr, port);
+    }
     let (old_addr, port_off, old_port) = if dst {
         (p.daddr, p.l4_off + 2, p.dport)
     } else {

@@ -45,7 +45,7 @@ fn setup(s: &Snapshot) -> Ebpf {
 
 fn run(ebpf: &mut Ebpf, pkt: &[u8]) -> (u32, Vec<u8>) {
     let prog: &mut SchedClassifier = ebpf.program_mut(TC_INGRESS).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; 512];
+    let mut out = vec![0u8; 2048];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(pkt);
     opts.data_out = Some(&mut out);
@@ -1166,4 +1166,154 @@ fn ipv6_icmp_errors_about_translated_flows_are_translated_back() {
     assert_eq!(run(&mut ebpf, &err), (TCX_NEXT, err.clone()));
     let echo = icmp6_error(BE6, CLIENT6, 128, 0, 1, &[]);
     assert_eq!(run(&mut ebpf, &echo), (TCX_NEXT, echo.clone()));
+}
+
+// ---- SCTP (ebpf/src/sctp.rs) ----
+
+const SCTP: u8 = 132;
+
+/// CRC32c (RFC 9260 appendix A), bit by bit: an implementation independent of the
+/// program's incremental update.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The CRC32c an SCTP packet (common header + chunks) must carry: computed with the
+/// checksum field zero, stored little-endian (RFC 9260 appendix A, the kernel's
+/// sctp_compute_cksum).
+fn sctp_crc(sctp: &[u8]) -> [u8; 4] {
+    let mut s = sctp.to_vec();
+    s[8..12].fill(0);
+    crc32c(&s).to_le_bytes()
+}
+
+/// SCTP common header (verification tag 0x01020304) + one DATA chunk carrying `data_len`
+/// bytes of a pattern, CRC right.
+fn sctp_payload(sport: u16, dport: u16, data_len: usize) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    s.extend_from_slice(&[0; 4]);
+    // DATA chunk: type 0, flags B|E, length, TSN, stream id/seq, PPID, data (padded to 4).
+    let chunk_len = 16 + data_len;
+    s.extend_from_slice(&[0, 3]);
+    s.extend_from_slice(&(chunk_len as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    s.extend((0..data_len).map(|i| (i * 7 + 3) as u8));
+    s.resize(s.len().next_multiple_of(4), 0);
+    let c = sctp_crc(&s);
+    s[8..12].copy_from_slice(&c);
+    s
+}
+
+fn sctp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, data_len: usize) -> Vec<u8> {
+    let s = sctp_payload(sport, dport, data_len);
+    let mut p = packet(UDP, src, sport, dst, dport, 0)[..34].to_vec();
+    p[23] = SCTP;
+    p[16..18].copy_from_slice(&((20 + s.len()) as u16).to_be_bytes());
+    p[24..26].fill(0);
+    let c = fold(sum(&p[14..34], 0));
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&s);
+    p
+}
+
+fn assert_sctp4(p: &[u8]) {
+    assert_eq!(fold(sum(&p[14..34], 0)), 0, "IPv4 header checksum");
+    assert_eq!(p[42..46], sctp_crc(&p[34..]), "SCTP CRC32c of {p:02x?}");
+}
+
+#[test]
+fn crc32c_reference_vector() {
+    // RFC 3720 B.4 / the usual check value of CRC-32C.
+    assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+}
+
+#[test]
+fn sctp_dnat_reverse_nat_and_crc32c() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("s", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    s.port.name.protocol = crate::model::Protocol::Sctp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let be = [10, 1, 0, 1];
+    // Several lengths: the update carries the port change through L - 4 zero bytes.
+    for (i, len) in [1usize, 100, 1024, 1400].into_iter().enumerate() {
+        let cport = 40000 + i as u16;
+        let pkt = sctp4(CLIENT, cport, VIP, 80, len);
+        let (rc, out) = run(&mut ebpf, &pkt);
+        assert_eq!(rc, TCX_NEXT, "len {len}");
+        assert_eq!((daddr(&out), dport(&out)), (be, 8080));
+        assert_eq!((saddr(&out), sport(&out)), (CLIENT, cport));
+        assert_eq!(out[46..], pkt[46..], "chunks untouched");
+        assert_ne!(out[42..46], pkt[42..46], "a port change changes the CRC");
+        assert_sctp4(&out);
+
+        // The backend's answer comes back from the frontend.
+        let reply = sctp4(be, 8080, CLIENT, cport, len);
+        let (rc, out) = run(&mut ebpf, &reply);
+        assert_eq!(rc, TCX_NEXT);
+        assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
+        assert_eq!((daddr(&out), dport(&out)), (CLIENT, cport));
+        assert_sctp4(&out);
+    }
+}
+
+#[test]
+fn sctp_address_only_dnat_keeps_the_crc() {
+    if !root() {
+        return;
+    }
+    let mut e = ep("10.1.0.1", false);
+    e.port = 80;
+    let mut s = svc("s", "172.30.0.10", vec![e]);
+    s.port.name.protocol = crate::model::Protocol::Sctp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let pkt = sctp4(CLIENT, 40000, VIP, 80, 64);
+    let (rc, out) = run(&mut ebpf, &pkt);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 1], 80));
+    // No pseudo-header in the CRC: the same bytes, still right.
+    assert_eq!(out[42..46], pkt[42..46]);
+    assert_sctp4(&out);
+}
+
+#[test]
+fn ipv6_sctp_dnat_reverse_nat_and_crc32c() {
+    if !root() {
+        return;
+    }
+    let mut s = svc6("s", VIP6, vec![ep(BE6, false)]);
+    s.port.name.protocol = crate::model::Protocol::Sctp;
+    let mut ebpf = setup6(&snap6(vec![s]));
+    let p6 = |src: &str, sport: u16, dst: &str, dport: u16| {
+        let s = sctp_payload(sport, dport, 300);
+        let mut p = packet6(UDP, src, sport, dst, dport, 0)[..54].to_vec();
+        p[20] = SCTP;
+        p[18..20].copy_from_slice(&(s.len() as u16).to_be_bytes());
+        p.extend_from_slice(&s);
+        p
+    };
+    let pkt = p6(CLIENT6, 40000, VIP6, 80);
+    let (rc, out) = run(&mut ebpf, &pkt);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr6(&out), ports6(&out)), (v6(BE6), (40000, 8080)));
+    assert_eq!(out[62..66], sctp_crc(&out[54..]));
+    let (rc, out) = run(&mut ebpf, &p6(BE6, 8080, CLIENT6, 40000));
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr6(&out), ports6(&out)), (v6(VIP6), (80, 40000)));
+    assert_eq!(out[62..66], sctp_crc(&out[54..]));
 }

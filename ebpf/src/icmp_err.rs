@@ -38,8 +38,9 @@
 //!   (icmp_push_reply / icmpv6_push_pending_frames), never CHECKSUM_PARTIAL.
 //!
 //! Quotes of TCP, UDP and SCTP packets are translated (SCTP: ports only, see below). Not
-//! handled (passes as before): errors in an IPv4 fragment, ICMPv6 behind extension headers,
-//! quotes of non-first fragments (no ports), quotes of ICMP packets.
+//! handled (passes as before): errors in an IPv4 fragment, quotes of non-first fragments (no
+//! ports), quotes of ICMP packets. IPv6 extension headers are walked in the error and in the
+//! quote (ipv6_ext.rs).
 use aya_ebpf::{
     bindings::BPF_F_PSEUDO_HDR, bindings::tcx_action_base::TCX_NEXT, helpers::bpf_csum_diff,
     programs::TcContext,
@@ -49,7 +50,7 @@ use shunt_abi::{CtKey, ct_dir, ct_flags, stat};
 use super::{
     Action, Fam, IP_CSUM_OFF, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF, IP6_DADDR_OFF, IP6_HLEN,
     IP6_SADDR_OFF, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Pkt,
-    count, is_zero,
+    count, ipv6_ext, is_zero,
 };
 
 /// Where the parts of one ICMP error are, and what its quote says (per-CPU scratch memory,
@@ -95,10 +96,13 @@ fn parse<F: Fam>(ctx: &TcContext, q: &mut Quote<F::A>) -> Option<()> {
         (icmp, icmp + 8)
     } else {
         let v: u8 = ctx.load(IP_OFF).ok()?;
-        if v >> 4 != 6 || ctx.load::<u8>(IP_OFF + 6).ok()? != IPPROTO_ICMPV6 {
+        if v >> 4 != 6 {
             return None;
         }
-        let icmp = IP_OFF + IP6_HLEN;
+        let (nh, icmp) = ipv6_ext::skip(ctx, ctx.load(IP_OFF + 6).ok()?, IP_OFF + IP6_HLEN)?;
+        if nh != IPPROTO_ICMPV6 {
+            return None;
+        }
         // RFC 4443: 1 destination unreachable, 2 packet too big, 3 time exceeded,
         // 4 parameter problem.
         if !matches!(ctx.load::<u8>(icmp).ok()?, 1..=4) {
@@ -127,12 +131,8 @@ fn parse<F: Fam>(ctx: &TcContext, q: &mut Quote<F::A>) -> Option<()> {
         if ctx.load::<u8>(inner).ok()? >> 4 != 6 {
             return None;
         }
-        (
-            ctx.load::<u8>(inner + 6).ok()?,
-            inner + IP6_HLEN,
-            inner + 8,
-            inner + 24,
-        )
+        let (nh, l4) = ipv6_ext::skip(ctx, ctx.load(inner + 6).ok()?, inner + IP6_HLEN)?;
+        (nh, l4, inner + 8, inner + 24)
     };
     if iproto != IPPROTO_TCP && iproto != IPPROTO_UDP && iproto != IPPROTO_SCTP {
         return None;

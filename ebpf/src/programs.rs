@@ -45,6 +45,8 @@ use aya_ebpf::{
 };
 #[path = "icmp_err.rs"]
 mod icmp_err;
+#[path = "ipv6_ext.rs"]
+mod ipv6_ext;
 #[path = "sctp.rs"]
 mod sctp;
 
@@ -496,26 +498,28 @@ impl Fam for V6 {
         }
     }
 
-    /// TCP, UDP or SCTP directly after the fixed header. Extension headers (fragments included)
-    /// are not walked: such packets pass untranslated (see the crate docs).
+    /// TCP, UDP or SCTP after the fixed header and up to four extension headers
+    /// (ipv6_ext.rs: later fragments and routing headers with segments left pass).
     #[inline(always)]
     fn parse(ctx: &TcContext, out: &mut Pkt<[u32; 4]>) -> Option<()> {
         let v: u8 = ctx.load(IP_OFF).ok()?;
         if v >> 4 != 6 {
             return None;
         }
-        let proto: u8 = ctx.load(IP_OFF + 6).ok()?;
+        let nh: u8 = ctx.load(IP_OFF + 6).ok()?;
+        let (proto, l4_off) = ipv6_ext::skip(ctx, nh, IP_OFF + IP6_HLEN)?;
         if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
             return None;
         }
-        let l4_off = IP_OFF + IP6_HLEN;
         out.saddr = ctx.load(IP6_SADDR_OFF).ok()?;
         out.daddr = ctx.load(IP6_DADDR_OFF).ok()?;
         out.sport = ctx.load(l4_off).ok()?;
         out.dport = ctx.load(l4_off + 2).ok()?;
         out.proto = proto;
         out.l4_off = l4_off;
-        out.l4_len = u32::from(u16::from_be(ctx.load::<u16>(IP_OFF + 4).ok()?));
+        // The payload length counts the extension headers too.
+        let payload = usize::from(u16::from_be(ctx.load::<u16>(IP_OFF + 4).ok()?));
+        out.l4_len = payload.checked_sub(l4_off - IP_OFF - IP6_HLEN)? as u32;
         out.ip_options = false;
         Some(())
     }

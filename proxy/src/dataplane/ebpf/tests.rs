@@ -1317,3 +1317,138 @@ fn ipv6_sctp_dnat_reverse_nat_and_crc32c() {
     assert_eq!((saddr6(&out), ports6(&out)), (v6(VIP6), (80, 40000)));
     assert_eq!(out[62..66], sctp_crc(&out[54..]));
 }
+
+// ---- IPv6 extension headers (ebpf/src/ipv6_ext.rs) ----
+
+const HOPOPTS: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const DSTOPTS: u8 = 60;
+
+/// `p` (from `packet6`) with 8-byte extension headers of the given kinds inserted after the
+/// fixed header, in order: options headers carry one PadN, a fragment header `frag` (offset
+/// and flags word), a routing header `segments left` = `frag` as well.
+fn with_ext(p: &[u8], kinds: &[u8], frag: u16) -> Vec<u8> {
+    let upper = p[20];
+    let mut out = p[..54].to_vec();
+    out[20] = kinds[0];
+    for (i, &k) in kinds.iter().enumerate() {
+        let nh = kinds.get(i + 1).copied().unwrap_or(upper);
+        let h: [u8; 8] = match k {
+            FRAGMENT => {
+                let f = frag.to_be_bytes();
+                [nh, 0, f[0], f[1], 0, 0, 0x12, 0x34]
+            }
+            ROUTING => [nh, 0, 4, frag as u8, 0, 0, 0, 0],
+            _ => [nh, 0, 1, 4, 0, 0, 0, 0],
+        };
+        out.extend_from_slice(&h);
+    }
+    out.extend_from_slice(&p[54..]);
+    let len = u16::from_be_bytes([p[18], p[19]]) + 8 * kinds.len() as u16;
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// `p` without its `n` extension headers (8 bytes each), the upper-layer protocol `upper`
+/// named by the fixed header again: the checksum helpers then apply (the pseudo-header
+/// counts the upper-layer length, RFC 8200 8.1, not the extension headers).
+fn strip_ext(p: &[u8], n: usize, upper: u8) -> Vec<u8> {
+    let mut out = p[..54].to_vec();
+    out[20] = upper;
+    out.extend_from_slice(&p[54 + 8 * n..]);
+    let len = u16::from_be_bytes([p[18], p[19]]) - 8 * n as u16;
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_ports() {
+    if !root() {
+        return;
+    }
+    let mut u = svc6("u", VIP6, vec![ep(BE6, false)]);
+    u.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup6(&snap6(vec![svc6("a", VIP6, vec![ep(BE6, false)]), u]));
+
+    // Hop-by-hop + destination options before TCP: DNAT, then reverse NAT of the answer.
+    let syn = with_ext(
+        &packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN),
+        &[HOPOPTS, DSTOPTS],
+        0,
+    );
+    let (rc, out) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr6(&out), v6(BE6));
+    assert_eq!(out[54..70], syn[54..70], "extension headers kept");
+    let plain = strip_ext(&out, 2, TCP);
+    assert_eq!(ports6(&plain), (40000, 8080));
+    assert_checksums6(&plain);
+    let reply = with_ext(
+        &packet6(TCP, BE6, 8080, CLIENT6, 40000, SYN | ACK),
+        &[HOPOPTS],
+        0,
+    );
+    let (rc, out) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_NEXT);
+    let plain = strip_ext(&out, 1, TCP);
+    assert_eq!((saddr6(&plain), ports6(&plain)), (v6(VIP6), (80, 40000)));
+    assert_checksums6(&plain);
+
+    // A first fragment (offset 0, more fragments) carries the ports: translated.
+    let first = with_ext(
+        &packet6(UDP, CLIENT6, 5353, VIP6, 80, 0),
+        &[FRAGMENT],
+        0x0001,
+    );
+    let (rc, out) = run(&mut ebpf, &first);
+    assert_eq!(rc, TCX_NEXT);
+    let plain = strip_ext(&out, 1, UDP);
+    assert_eq!((daddr6(&plain), ports6(&plain)), (v6(BE6), (5353, 8080)));
+    assert_checksums6(&plain);
+
+    // Untouched: a later fragment (no ports), a routing header with segments left (not
+    // the final destination yet), more than four extension headers.
+    let later = with_ext(
+        &packet6(UDP, CLIENT6, 5354, VIP6, 80, 0),
+        &[FRAGMENT],
+        0x0008,
+    );
+    assert_eq!(run(&mut ebpf, &later), (TCX_NEXT, later.clone()));
+    let routed = with_ext(&packet6(TCP, CLIENT6, 40001, VIP6, 80, SYN), &[ROUTING], 1);
+    assert_eq!(run(&mut ebpf, &routed), (TCX_NEXT, routed.clone()));
+    let deep = with_ext(
+        &packet6(TCP, CLIENT6, 40002, VIP6, 80, SYN),
+        &[HOPOPTS, DSTOPTS, ROUTING, DSTOPTS, DSTOPTS],
+        0,
+    );
+    assert_eq!(run(&mut ebpf, &deep), (TCX_NEXT, deep.clone()));
+    // Four are walked (segments left 0: the final destination).
+    let four = with_ext(
+        &packet6(TCP, CLIENT6, 40003, VIP6, 80, SYN),
+        &[HOPOPTS, ROUTING, FRAGMENT, DSTOPTS],
+        0,
+    );
+    let (rc, out) = run(&mut ebpf, &four);
+    assert_eq!(rc, TCX_NEXT);
+    let plain = strip_ext(&out, 4, TCP);
+    assert_eq!((daddr6(&plain), ports6(&plain)), (v6(BE6), (40003, 8080)));
+    assert_checksums6(&plain);
+
+    // An ICMPv6 packet too big behind a hop-by-hop header, about the first flow.
+    let dnatted = run(&mut ebpf, &packet6(TCP, CLIENT6, 40004, VIP6, 80, SYN)).1;
+    let err = with_ext(
+        &icmp6_error(BE6, CLIENT6, 2, 0, 1280, &dnatted[14..]),
+        &[HOPOPTS],
+        0,
+    );
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    let plain = strip_ext(&out, 1, 58);
+    assert_eq!(saddr6(&plain), v6(VIP6));
+    assert_eq!(
+        &plain[62..],
+        &packet6(TCP, CLIENT6, 40004, VIP6, 80, SYN)[14..]
+    );
+    assert_icmp6_checksums(&plain);
+}

@@ -1452,3 +1452,27 @@ fn ipv6_extension_headers_are_walked_to_the_ports() {
     );
     assert_icmp6_checksums(&plain);
 }
+
+#[test]
+fn icmp_error_quoting_sctp_gets_its_ports_back() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("s", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    s.port.name.protocol = crate::model::Protocol::Sctp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let be = [10, 1, 0, 1];
+    let sent = sctp4(CLIENT, 40000, VIP, 80, 1200);
+    let (rc, dnatted) = run(&mut ebpf, &sent);
+    assert_eq!(rc, TCX_NEXT);
+    // Fragmentation needed from the backend's side, quoting 100 bytes of the DNATed packet.
+    let err = icmp4_error(be, CLIENT, 3, 4, 1000, &dnatted[14..114]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    // Addresses and ports as the client sent them; the quoted CRC is left as it was.
+    assert_eq!(&out[42..62], &sent[14..34], "inner IPv4 header");
+    assert_eq!(&out[62..66], &sent[34..38], "inner ports");
+    assert_eq!(&out[66..], &dnatted[38..114]);
+    assert_checksums(&out);
+}

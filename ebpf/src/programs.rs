@@ -1,7 +1,7 @@
 //! Program entry points. Every map is a `#[map]` static (never `static mut`).
 //!
 //! The tc program runs at tcx ingress of the node's uplink and of every pod's host-side veth,
-//! i.e. before the kernel routes the packet. For IPv4 and IPv6 TCP/UDP it:
+//! i.e. before the kernel routes the packet. For IPv4 and IPv6 TCP/UDP/SCTP (sctp.rs) it:
 //!  1. looks the packet's 5-tuple up in the conntrack map: a FORWARD entry re-applies the DNAT
 //!     chosen for the flow's first packet, a REPLY entry rewrites the source back to the
 //!     frontend (reverse NAT of a backend's answer);
@@ -43,6 +43,13 @@ use aya_ebpf::{
     },
     programs::{SockAddrContext, TcContext},
 };
+#[path = "icmp_err.rs"]
+mod icmp_err;
+#[path = "ipv6_ext.rs"]
+mod ipv6_ext;
+#[path = "sctp.rs"]
+mod sctp;
+
 use shunt_abi::{
     AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, RevNat, SNAT_PORT_MAX,
     SNAT_PORT_MIN, Service4Value, ServiceKey, SockFwd, SockRevNat4Key, SockRevNat6Key, SrcRange,
@@ -149,6 +156,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -323,7 +331,7 @@ impl Fam for V4 {
             return None;
         }
         let proto: u8 = ctx.load(IP_OFF + 9).ok()?;
-        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
             return None;
         }
         let hlen = u32::from(ihl) * 4;
@@ -490,26 +498,28 @@ impl Fam for V6 {
         }
     }
 
-    /// TCP or UDP directly after the fixed header. Extension headers (fragments included)
-    /// are not walked: such packets pass untranslated (see the crate docs).
+    /// TCP, UDP or SCTP after the fixed header and up to four extension headers
+    /// (ipv6_ext.rs: later fragments and routing headers with segments left pass).
     #[inline(always)]
     fn parse(ctx: &TcContext, out: &mut Pkt<[u32; 4]>) -> Option<()> {
         let v: u8 = ctx.load(IP_OFF).ok()?;
         if v >> 4 != 6 {
             return None;
         }
-        let proto: u8 = ctx.load(IP_OFF + 6).ok()?;
-        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        let nh: u8 = ctx.load(IP_OFF + 6).ok()?;
+        let (proto, l4_off) = ipv6_ext::skip(ctx, nh, IP_OFF + IP6_HLEN)?;
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
             return None;
         }
-        let l4_off = IP_OFF + IP6_HLEN;
         out.saddr = ctx.load(IP6_SADDR_OFF).ok()?;
         out.daddr = ctx.load(IP6_DADDR_OFF).ok()?;
         out.sport = ctx.load(l4_off).ok()?;
         out.dport = ctx.load(l4_off + 2).ok()?;
         out.proto = proto;
         out.l4_off = l4_off;
-        out.l4_len = u32::from(u16::from_be(ctx.load::<u16>(IP_OFF + 4).ok()?));
+        // The payload length counts the extension headers too.
+        let payload = usize::from(u16::from_be(ctx.load::<u16>(IP_OFF + 4).ok()?));
+        out.l4_len = payload.checked_sub(l4_off - IP_OFF - IP6_HLEN)? as u32;
         out.ip_options = false;
         Some(())
     }
@@ -655,7 +665,11 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
     // the next one starts there (redirected packets are processed later, from the backlog).
     let sc = unsafe { &mut *sc };
     if F::parse(ctx, &mut sc.p).is_none() {
-        return Ok(TCX_NEXT);
+        // ICMP errors quoting a translated flow (icmp_err.rs); anything else is not ours.
+        if !icmp_err::translate::<F>(ctx, &mut sc.p, &mut sc.icmp, &mut sc.ct_key, &mut sc.act)? {
+            return Ok(TCX_NEXT);
+        }
+        return Ok(deliver::<F>(ctx, &sc.p, &sc.act));
     }
     let p = &sc.p;
     sc.ct_key = CtKey {
@@ -677,11 +691,21 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
             Step::Commit => commit::<F>(ctx, p, &sc.ct_key, &sc.flow, &mut sc.act)?,
         }
     }
-    Ok(match sc.act {
+    if p.proto == IPPROTO_SCTP {
+        sctp::fix_crc::<F>(ctx, p)?;
+    }
+    Ok(deliver::<F>(ctx, p, &sc.act))
+}
+
+/// Carry out a translated packet's `Action` (inlined: `forward` stays a call from
+/// `try_ingress`, see there).
+#[inline(always)]
+fn deliver<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, act: &Action<F::A>) -> i32 {
+    match *act {
         Action::Verdict(v) => v,
         Action::Forward { src, dst } => forward::<F>(ctx, p, src, dst),
         Action::Loopback => to_loopback(ctx),
-    })
+    }
 }
 
 /// Per-CPU scratch memory of one tc program run (map `SHUNT_SCRATCH4`/`6`, not pinned):
@@ -691,6 +715,7 @@ pub struct Scratch<A> {
     ct_key: CtKey<A>,
     flow: Flow<A>,
     act: Action<A>,
+    icmp: icmp_err::Quote<A>,
 }
 
 /// What to do with a translated packet.
@@ -1186,6 +1211,10 @@ fn rewrite<F: Fam>(
     addr: F::A,
     port: u16,
 ) -> Result<(), ()> {
+    if p.proto == IPPROTO_SCTP {
+        // No pseudo-header, a CRC32c instead of the Internet checksum (sctp.rs).
+        return sctp::rewrite::<F>(ctx, p, dst, addr, port);
+    }
     let (old_addr, port_off, old_port) = if dst {
         (p.daddr, p.l4_off + 2, p.dport)
     } else {

@@ -24,8 +24,8 @@
 //! [`KernelFamily`] (the plan's [`Family`] plus its socket-map key), and each family's
 //! snapshot is planned and written into that family's maps.
 //!
-//! Not done yet (see ebpf/README.md): SCTP, following interfaces that appear after
-//! start (veth hot-plug via netlink; they are picked up at the next sync).
+//! Not done yet (see ebpf/README.md): node-originated SCTP, following interfaces that
+//! appear after start (veth hot-plug via netlink; they are picked up at the next sync).
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

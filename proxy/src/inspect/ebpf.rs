@@ -11,8 +11,9 @@
 //! destination at the socket: no masquerade, a refusal is ECONNREFUSED, a drop EPERM),
 //! except when the frontend is a node address (`NODE_ADDRESS`) and the tc program is
 //! attached to `lo` (`HOST_NETNS[LOOPBACK]`): then tc on loopback handles it as a local
-//! source (masqueraded, INTERNAL scope). Any other packet crosses tc ingress. SCTP and
-//! non-TCP/UDP packets are not parsed by the programs: untouched.
+//! source (masqueraded, INTERNAL scope). Any other packet crosses tc ingress, which
+//! translates TCP, UDP and SCTP alike; the socket programs translate TCP and UDP only, so
+//! the node's own SCTP to a frontend that is not a node address passes untranslated.
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 
@@ -184,13 +185,6 @@ pub fn trace<F: Fam>(
     let dst_wire = F::wire(dst);
     let mut why = Vec::new();
     let one = |f: Fate| BTreeSet::from([f]);
-    if !matches!(p.protocol, Proto::Tcp | Proto::Udp) {
-        why.push(format!(
-            "{}: the programs parse TCP and UDP only; the packet passes untranslated",
-            p.protocol.as_str()
-        ));
-        return Ok((one(Fate::Untouched { masquerade: false }), why));
-    }
     let key = ServiceKey {
         addr: dst_wire,
         dport: p.dport.to_be(),
@@ -207,6 +201,14 @@ pub fn trace<F: Fam>(
         IpFamily::V4 => ("connect4", "sendmsg4"),
         IpFamily::V6 => ("connect6", "sendmsg6"),
     };
+    if via_socket && p.protocol == Proto::Sctp {
+        // sock_proto: the socket programs handle TCP and UDP only, and the node's own
+        // packets never cross a tc ingress hook of ours (unless they loop through lo).
+        why.push(format!(
+            "node-originated SCTP: {connect}/{sendmsg} translate TCP and UDP only; the packet passes untranslated"
+        ));
+        return Ok((one(Fate::Untouched { masquerade: false }), why));
+    }
     if via_socket {
         why.push(format!(
             "node-originated: translated at the socket (cgroup {connect}/{sendmsg})"

@@ -155,15 +155,6 @@ pub(crate) fn expected(expect: &Value) -> BTreeSet<Fate> {
     }
 }
 
-/// Why the ebpf programs cannot meet an expectation, when that is a documented limitation
-/// (ebpf/README.md "Not done yet"), else None.
-fn ebpf_limitation(p: &Packet) -> Option<&'static str> {
-    if p.protocol == Proto::Sctp {
-        return Some("SCTP is not translated by the ebpf programs (ebpf/README.md)");
-    }
-    None
-}
-
 #[test]
 fn every_scenario_packet_traces_to_its_verdict_in_every_mode() {
     let Some(files) = scenario_files() else {
@@ -171,7 +162,6 @@ fn every_scenario_packet_traces_to_its_verdict_in_every_mode() {
         return;
     };
     let (mut nft_n, mut ipt_n, mut ebpf_n, mut ebpf6_n) = (0, 0, 0, 0);
-    let mut ebpf_skipped = Vec::new();
     for file in files {
         for sc in scenarios(&file) {
             let id = sc["id"].as_str().unwrap();
@@ -198,41 +188,26 @@ fn every_scenario_packet_traces_to_its_verdict_in_every_mode() {
                     loopback_attached: true,
                 };
                 let (got, why) = prog.ebpf.trace(&host, &p).unwrap();
-                match ebpf_limitation(&p) {
-                    Some(reason) => {
-                        // The limitation must really be what makes it differ.
-                        assert_ne!(
-                            got, want,
-                            "ebpf: {name} meets the expectation; drop the limitation"
-                        );
-                        ebpf_skipped.push(format!("{name}: {reason}"));
-                    }
-                    None => {
-                        assert_eq!(got, want, "ebpf: {name}; why: {why:?}");
-                        ebpf_n += 1;
-                        if p.family() == IpFamily::V6 {
-                            ebpf6_n += 1;
-                        }
-                    }
+                // Every packet, SCTP included (translated at tc ingress like TCP/UDP).
+                assert_eq!(got, want, "ebpf: {name}; why: {why:?}");
+                ebpf_n += 1;
+                if p.family() == IpFamily::V6 {
+                    ebpf6_n += 1;
                 }
             }
         }
     }
-    for s in &ebpf_skipped {
-        eprintln!("ebpf SKIP {s}");
-    }
     eprintln!(
-        "traced scenario packets: nftables {nft_n}, iptables {ipt_n}, ebpf {ebpf_n} ({ebpf6_n} IPv6; +{} skipped)",
-        ebpf_skipped.len()
+        "traced scenario packets: nftables {nft_n}, iptables {ipt_n}, ebpf {ebpf_n} ({ebpf6_n} IPv6)"
     );
     assert!(
         nft_n >= 39 && ipt_n >= 39,
         "only {nft_n}/{ipt_n} scenario packets"
     );
-    // Every packet is traced in ebpf mode too, except the documented limitations (SCTP).
-    assert_eq!(ebpf_n + ebpf_skipped.len(), nft_n, "ebpf packets");
+    // Every packet is traced in ebpf mode too.
+    assert_eq!(ebpf_n, nft_n, "ebpf packets");
     assert!(
-        ebpf_n >= 38 && ebpf6_n >= 8,
+        ebpf_n >= 39 && ebpf6_n >= 8,
         "only {ebpf_n} ebpf scenario packets ({ebpf6_n} IPv6)"
     );
 }

@@ -45,7 +45,7 @@ fn setup(s: &Snapshot) -> Ebpf {
 
 fn run(ebpf: &mut Ebpf, pkt: &[u8]) -> (u32, Vec<u8>) {
     let prog: &mut SchedClassifier = ebpf.program_mut(TC_INGRESS).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; 512];
+    let mut out = vec![0u8; 2048];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(pkt);
     opts.data_out = Some(&mut out);
@@ -922,4 +922,557 @@ fn ipv6_direct_connection_reusing_a_vip_flow_port_is_not_reverse_natted() {
     let (rc, out) = run(&mut ebpf, &synack);
     assert_eq!((rc, saddr6(&out), ports6(&out).0), (TCX_NEXT, v6(VIP6), 80));
     assert_checksums6(&out);
+}
+
+// ---- ICMP errors about translated flows (ebpf/src/icmp_err.rs) ----
+
+/// Ethernet + IPv4 + ICMP error `ty`/`code` (rest of header: `rest`, e.g. the MTU of a
+/// fragmentation-needed) quoting `quote` (an IP packet, possibly cut), checksums right.
+fn icmp4_error(src: [u8; 4], dst: [u8; 4], ty: u8, code: u8, rest: u32, quote: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, code, 0, 0];
+    icmp.extend_from_slice(&rest.to_be_bytes());
+    icmp.extend_from_slice(quote);
+    let c = fold(sum(&icmp, 0));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0u8; 34];
+    p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    p[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    p[14] = 0x45;
+    p[16..18].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    p[22] = 64;
+    p[23] = 1;
+    p[26..30].copy_from_slice(&src);
+    p[30..34].copy_from_slice(&dst);
+    let c = fold(sum(&p[14..34], 0));
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&icmp);
+    p
+}
+
+/// The outer IPv4 and ICMP checksums of an ICMP error, its quoted IPv4 header's checksum,
+/// and, when the quote is the whole packet, the quoted TCP/UDP checksum: all from scratch.
+fn assert_icmp4_checksums(p: &[u8]) {
+    assert_checksums(p);
+    let quote = &p[42..];
+    assert_eq!(fold(sum(&quote[..20], 0)), 0, "inner IPv4 header checksum");
+    if usize::from(u16::from_be_bytes([quote[2], quote[3]])) == quote.len() {
+        let mut inner = vec![0u8; 14];
+        inner.extend_from_slice(quote);
+        assert_checksums(&inner);
+    }
+}
+
+#[test]
+fn icmp_errors_about_a_dnatted_tcp_flow_reach_the_client_translated() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup(&one_backend());
+    let be = [10, 1, 0, 1];
+    let syn = packet(TCP, CLIENT, 40000, VIP, 80, SYN);
+    let (rc, dnatted) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr(&dnatted), be);
+
+    // The backend says "fragmentation needed, MTU 1400" about the packet it received:
+    // the client must see it from the ClusterIP, quoting exactly what it sent.
+    let err = icmp4_error(be, CLIENT, 3, 4, 1400, &dnatted[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    assert_eq!(out[34..36], [3, 4]);
+    assert_eq!(out[38..42], 1400u32.to_be_bytes());
+    assert_eq!(
+        &out[42..],
+        &syn[14..],
+        "the quote is the client's own packet again"
+    );
+    assert_icmp4_checksums(&out);
+
+    // A router's error (time exceeded), quoting only the RFC 792 minimum (header + 8
+    // bytes, no TCP checksum in reach): translated alike, its source the frontend too
+    // (netfilter rewrites the outer source of a DNATed connection's related errors).
+    let router = [10, 1, 0, 254];
+    let err = icmp4_error(router, CLIENT, 11, 0, 0, &dnatted[14..42]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    assert_eq!(&out[42..70], &syn[14..42]);
+    assert_icmp4_checksums(&out);
+
+    // An error about a flow nobody translated, and an echo request, pass untouched.
+    let other = packet(TCP, CLIENT, 40001, be, 8080, SYN);
+    let err = icmp4_error(be, CLIENT, 3, 4, 1400, &other[14..]);
+    assert_eq!(run(&mut ebpf, &err), (TCX_NEXT, err.clone()));
+    let echo = icmp4_error(be, CLIENT, 8, 0, 1, &[0u8; 8]);
+    assert_eq!(run(&mut ebpf, &echo), (TCX_NEXT, echo.clone()));
+}
+
+#[test]
+fn icmp_error_from_the_client_about_a_reply_reaches_the_backend_translated() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("u", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    s.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let be = [10, 1, 0, 1];
+    let (rc, _) = run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
+    assert_eq!(rc, TCX_NEXT);
+    let reply = packet(UDP, be, 8080, CLIENT, 5353, 0);
+    let (rc, rnatted) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&rnatted), sport(&rnatted)), (VIP, 80));
+
+    // The client's port unreachable about the answer it got from the ClusterIP goes to the
+    // backend, quoting the backend's own packet; its source (the client) stays.
+    let err = icmp4_error(CLIENT, VIP, 3, 3, 0, &rnatted[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), daddr(&out)), (CLIENT, be));
+    assert_eq!(&out[42..], &reply[14..]);
+    assert_icmp4_checksums(&out);
+
+    // A quoted UDP packet without checksum keeps none.
+    let mut nocsum = rnatted.clone();
+    nocsum[40] = 0;
+    nocsum[41] = 0;
+    let err = icmp4_error(CLIENT, VIP, 3, 3, 0, &nocsum[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((out[42 + 26], out[42 + 27]), (0, 0));
+    assert_eq!(u16::from_be_bytes([out[42 + 20], out[42 + 21]]), 8080);
+    assert_icmp4_checksums(&out);
+}
+
+#[test]
+fn icmp_error_about_a_masqueraded_flow_is_readdressed_to_the_client() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup(&one_backend());
+    let be = [10, 1, 0, 1];
+    let w = |a: [u8; 4]| u32::from_ne_bytes(a);
+    // The entries a masqueraded flow CLIENT:40000 -> VIP:80 => NODE:61000 -> BE:8080 has
+    // (written directly: masquerading needs a node IP, whose FIB path PROG_TEST_RUN cannot
+    // take; the packet's contents are what this checks).
+    let mut ct: HashMap<_, Ct4Key, Ct4Value> =
+        HashMap::try_from(ebpf.map_mut(names::CT4).unwrap()).unwrap();
+    let key = Ct4Key {
+        saddr: w(be),
+        daddr: w(NODE),
+        sport: 8080u16.to_be(),
+        dport: 61000u16.to_be(),
+        proto: TCP,
+        pad: [0; 3],
+    };
+    let val = Ct4Value {
+        nat_addr: w(VIP),
+        nat_port: 80u16.to_be(),
+        rev_nat_id: 1,
+        backend_id: 1,
+        dir: ct_dir::REPLY,
+        flags: shunt_abi::ct_flags::REDIRECT,
+        snat_port: 40000u16.to_be(),
+        snat_addr: w(CLIENT),
+        pad2: 0,
+        last_seen_ns: 0,
+    };
+    ct.insert(key, val, 0).unwrap();
+    let sent = packet(TCP, NODE, 61000, be, 8080, ACK);
+    let err = icmp4_error(be, NODE, 3, 4, 1400, &sent[14..]);
+    let (_, out) = run(&mut ebpf, &err);
+    // Forwarded (FIB lookup + redirect: TTL decremented), addressed to the client.
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    assert_eq!(out[22], 63);
+    let orig = packet(TCP, CLIENT, 40000, VIP, 80, ACK);
+    assert_eq!(&out[42..], &orig[14..]);
+    assert_icmp4_checksums(&out);
+}
+
+/// Ethernet + IPv6 + ICMPv6 error quoting `quote`, checksum right.
+fn icmp6_error(src: &str, dst: &str, ty: u8, code: u8, rest: u32, quote: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 54];
+    p[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    p[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    p[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    p[14] = 0x60;
+    p[18..20].copy_from_slice(&((8 + quote.len()) as u16).to_be_bytes());
+    p[20] = 58;
+    p[21] = 64;
+    p[22..38].copy_from_slice(&a6(src));
+    p[38..54].copy_from_slice(&a6(dst));
+    p.extend_from_slice(&[ty, code, 0, 0]);
+    p.extend_from_slice(&rest.to_be_bytes());
+    p.extend_from_slice(quote);
+    let c = l4_csum6(&p);
+    p[56..58].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn assert_icmp6_checksums(p: &[u8]) {
+    assert_checksums6(p);
+    let quote = &p[62..];
+    if usize::from(u16::from_be_bytes([quote[4], quote[5]])) + 40 == quote.len() {
+        let mut inner = vec![0u8; 14];
+        inner.extend_from_slice(quote);
+        assert_checksums6(&inner);
+    }
+}
+
+#[test]
+fn ipv6_icmp_errors_about_translated_flows_are_translated_back() {
+    if !root() {
+        return;
+    }
+    let mut ebpf = setup6(&snap6(vec![svc6("a", VIP6, vec![ep(BE6, false)])]));
+    let syn = packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN);
+    let (rc, dnatted) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_NEXT);
+
+    // Packet too big from the backend: the client sees it from the frontend, quoting its
+    // own packet (the ICMPv6 checksum covers the new pseudo-header and the new quote).
+    let err = icmp6_error(BE6, CLIENT6, 2, 0, 1280, &dnatted[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr6(&out), daddr6(&out)), (v6(VIP6), v6(CLIENT6)));
+    assert_eq!(out[58..62], 1280u32.to_be_bytes());
+    assert_eq!(&out[62..], &syn[14..]);
+    assert_icmp6_checksums(&out);
+
+    // Cut quote (header + 8 bytes): ports translated, no TCP checksum to fix.
+    let err = icmp6_error("fd00:10::fe", CLIENT6, 3, 0, 0, &dnatted[14..62]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(saddr6(&out), v6(VIP6));
+    assert_eq!(&out[62..], &syn[14..62]);
+    assert_icmp6_checksums(&out);
+
+    // The client's error about the frontend's answer goes to the backend.
+    let reply = packet6(TCP, BE6, 8080, CLIENT6, 40000, SYN | ACK);
+    let (rc, rnatted) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_NEXT);
+    let err = icmp6_error(CLIENT6, VIP6, 1, 4, 0, &rnatted[14..]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr6(&out), daddr6(&out)), (v6(CLIENT6), v6(BE6)));
+    assert_eq!(&out[62..], &reply[14..]);
+    assert_icmp6_checksums(&out);
+
+    // Not about a translated flow, or not an error: untouched.
+    let other = packet6(TCP, CLIENT6, 40001, BE6, 8080, SYN);
+    let err = icmp6_error(BE6, CLIENT6, 2, 0, 1280, &other[14..]);
+    assert_eq!(run(&mut ebpf, &err), (TCX_NEXT, err.clone()));
+    let echo = icmp6_error(BE6, CLIENT6, 128, 0, 1, &[]);
+    assert_eq!(run(&mut ebpf, &echo), (TCX_NEXT, echo.clone()));
+}
+
+// ---- SCTP (ebpf/src/sctp.rs) ----
+
+const SCTP: u8 = 132;
+
+/// CRC32c (RFC 9260 appendix A), bit by bit: an implementation independent of the
+/// program's incremental update.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The CRC32c an SCTP packet (common header + chunks) must carry: computed with the
+/// checksum field zero, stored little-endian (RFC 9260 appendix A, the kernel's
+/// sctp_compute_cksum).
+fn sctp_crc(sctp: &[u8]) -> [u8; 4] {
+    let mut s = sctp.to_vec();
+    s[8..12].fill(0);
+    crc32c(&s).to_le_bytes()
+}
+
+/// SCTP common header (verification tag 0x01020304) + one DATA chunk carrying `data_len`
+/// bytes of a pattern, CRC right.
+fn sctp_payload(sport: u16, dport: u16, data_len: usize) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&0x0102_0304u32.to_be_bytes());
+    s.extend_from_slice(&[0; 4]);
+    // DATA chunk: type 0, flags B|E, length, TSN, stream id/seq, PPID, data (padded to 4).
+    let chunk_len = 16 + data_len;
+    s.extend_from_slice(&[0, 3]);
+    s.extend_from_slice(&(chunk_len as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    s.extend((0..data_len).map(|i| (i * 7 + 3) as u8));
+    s.resize(s.len().next_multiple_of(4), 0);
+    let c = sctp_crc(&s);
+    s[8..12].copy_from_slice(&c);
+    s
+}
+
+fn sctp4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, data_len: usize) -> Vec<u8> {
+    let s = sctp_payload(sport, dport, data_len);
+    let mut p = packet(UDP, src, sport, dst, dport, 0)[..34].to_vec();
+    p[23] = SCTP;
+    p[16..18].copy_from_slice(&((20 + s.len()) as u16).to_be_bytes());
+    p[24..26].fill(0);
+    let c = fold(sum(&p[14..34], 0));
+    p[24..26].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&s);
+    p
+}
+
+fn assert_sctp4(p: &[u8]) {
+    assert_eq!(fold(sum(&p[14..34], 0)), 0, "IPv4 header checksum");
+    assert_eq!(p[42..46], sctp_crc(&p[34..]), "SCTP CRC32c of {p:02x?}");
+}
+
+#[test]
+fn crc32c_reference_vector() {
+    // RFC 3720 B.4 / the usual check value of CRC-32C.
+    assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+}
+
+#[test]
+fn sctp_dnat_reverse_nat_and_crc32c() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("s", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    s.port.name.protocol = crate::model::Protocol::Sctp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let be = [10, 1, 0, 1];
+    // Several lengths: the update carries the port change through L - 4 zero bytes.
+    for (i, len) in [1usize, 100, 1024, 1400].into_iter().enumerate() {
+        let cport = 40000 + i as u16;
+        let pkt = sctp4(CLIENT, cport, VIP, 80, len);
+        let (rc, out) = run(&mut ebpf, &pkt);
+        assert_eq!(rc, TCX_NEXT, "len {len}");
+        assert_eq!((daddr(&out), dport(&out)), (be, 8080));
+        assert_eq!((saddr(&out), sport(&out)), (CLIENT, cport));
+        assert_eq!(out[46..], pkt[46..], "chunks untouched");
+        assert_ne!(out[42..46], pkt[42..46], "a port change changes the CRC");
+        assert_sctp4(&out);
+
+        // The backend's answer comes back from the frontend.
+        let reply = sctp4(be, 8080, CLIENT, cport, len);
+        let (rc, out) = run(&mut ebpf, &reply);
+        assert_eq!(rc, TCX_NEXT);
+        assert_eq!((saddr(&out), sport(&out)), (VIP, 80));
+        assert_eq!((daddr(&out), dport(&out)), (CLIENT, cport));
+        assert_sctp4(&out);
+    }
+}
+
+#[test]
+fn sctp_address_only_dnat_keeps_the_crc() {
+    if !root() {
+        return;
+    }
+    let mut e = ep("10.1.0.1", false);
+    e.port = 80;
+    let mut s = svc("s", "172.30.0.10", vec![e]);
+    s.port.name.protocol = crate::model::Protocol::Sctp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let pkt = sctp4(CLIENT, 40000, VIP, 80, 64);
+    let (rc, out) = run(&mut ebpf, &pkt);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr(&out), dport(&out)), ([10, 1, 0, 1], 80));
+    // No pseudo-header in the CRC: the same bytes, still right.
+    assert_eq!(out[42..46], pkt[42..46]);
+    assert_sctp4(&out);
+}
+
+#[test]
+fn ipv6_sctp_dnat_reverse_nat_and_crc32c() {
+    if !root() {
+        return;
+    }
+    let mut s = svc6("s", VIP6, vec![ep(BE6, false)]);
+    s.port.name.protocol = crate::model::Protocol::Sctp;
+    let mut ebpf = setup6(&snap6(vec![s]));
+    let p6 = |src: &str, sport: u16, dst: &str, dport: u16| {
+        let s = sctp_payload(sport, dport, 300);
+        let mut p = packet6(UDP, src, sport, dst, dport, 0)[..54].to_vec();
+        p[20] = SCTP;
+        p[18..20].copy_from_slice(&(s.len() as u16).to_be_bytes());
+        p.extend_from_slice(&s);
+        p
+    };
+    let pkt = p6(CLIENT6, 40000, VIP6, 80);
+    let (rc, out) = run(&mut ebpf, &pkt);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((daddr6(&out), ports6(&out)), (v6(BE6), (40000, 8080)));
+    assert_eq!(out[62..66], sctp_crc(&out[54..]));
+    let (rc, out) = run(&mut ebpf, &p6(BE6, 8080, CLIENT6, 40000));
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr6(&out), ports6(&out)), (v6(VIP6), (80, 40000)));
+    assert_eq!(out[62..66], sctp_crc(&out[54..]));
+}
+
+// ---- IPv6 extension headers (ebpf/src/ipv6_ext.rs) ----
+
+const HOPOPTS: u8 = 0;
+const ROUTING: u8 = 43;
+const FRAGMENT: u8 = 44;
+const DSTOPTS: u8 = 60;
+
+/// `p` (from `packet6`) with 8-byte extension headers of the given kinds inserted after the
+/// fixed header, in order: options headers carry one PadN, a fragment header `frag` (offset
+/// and flags word), a routing header `segments left` = `frag` as well.
+fn with_ext(p: &[u8], kinds: &[u8], frag: u16) -> Vec<u8> {
+    let upper = p[20];
+    let mut out = p[..54].to_vec();
+    out[20] = kinds[0];
+    for (i, &k) in kinds.iter().enumerate() {
+        let nh = kinds.get(i + 1).copied().unwrap_or(upper);
+        let h: [u8; 8] = match k {
+            FRAGMENT => {
+                let f = frag.to_be_bytes();
+                [nh, 0, f[0], f[1], 0, 0, 0x12, 0x34]
+            }
+            ROUTING => [nh, 0, 4, frag as u8, 0, 0, 0, 0],
+            _ => [nh, 0, 1, 4, 0, 0, 0, 0],
+        };
+        out.extend_from_slice(&h);
+    }
+    out.extend_from_slice(&p[54..]);
+    let len = u16::from_be_bytes([p[18], p[19]]) + 8 * kinds.len() as u16;
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// `p` without its `n` extension headers (8 bytes each), the upper-layer protocol `upper`
+/// named by the fixed header again: the checksum helpers then apply (the pseudo-header
+/// counts the upper-layer length, RFC 8200 8.1, not the extension headers).
+fn strip_ext(p: &[u8], n: usize, upper: u8) -> Vec<u8> {
+    let mut out = p[..54].to_vec();
+    out[20] = upper;
+    out.extend_from_slice(&p[54 + 8 * n..]);
+    let len = u16::from_be_bytes([p[18], p[19]]) - 8 * n as u16;
+    out[18..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_ports() {
+    if !root() {
+        return;
+    }
+    let mut u = svc6("u", VIP6, vec![ep(BE6, false)]);
+    u.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup6(&snap6(vec![svc6("a", VIP6, vec![ep(BE6, false)]), u]));
+
+    // Hop-by-hop + destination options before TCP: DNAT, then reverse NAT of the answer.
+    let syn = with_ext(
+        &packet6(TCP, CLIENT6, 40000, VIP6, 80, SYN),
+        &[HOPOPTS, DSTOPTS],
+        0,
+    );
+    let (rc, out) = run(&mut ebpf, &syn);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!(daddr6(&out), v6(BE6));
+    assert_eq!(out[54..70], syn[54..70], "extension headers kept");
+    let plain = strip_ext(&out, 2, TCP);
+    assert_eq!(ports6(&plain), (40000, 8080));
+    assert_checksums6(&plain);
+    let reply = with_ext(
+        &packet6(TCP, BE6, 8080, CLIENT6, 40000, SYN | ACK),
+        &[HOPOPTS],
+        0,
+    );
+    let (rc, out) = run(&mut ebpf, &reply);
+    assert_eq!(rc, TCX_NEXT);
+    let plain = strip_ext(&out, 1, TCP);
+    assert_eq!((saddr6(&plain), ports6(&plain)), (v6(VIP6), (80, 40000)));
+    assert_checksums6(&plain);
+
+    // A first fragment (offset 0, more fragments) carries the ports: translated.
+    let first = with_ext(
+        &packet6(UDP, CLIENT6, 5353, VIP6, 80, 0),
+        &[FRAGMENT],
+        0x0001,
+    );
+    let (rc, out) = run(&mut ebpf, &first);
+    assert_eq!(rc, TCX_NEXT);
+    let plain = strip_ext(&out, 1, UDP);
+    assert_eq!((daddr6(&plain), ports6(&plain)), (v6(BE6), (5353, 8080)));
+    assert_checksums6(&plain);
+
+    // Untouched: a later fragment (no ports), a routing header with segments left (not
+    // the final destination yet), more than four extension headers.
+    let later = with_ext(
+        &packet6(UDP, CLIENT6, 5354, VIP6, 80, 0),
+        &[FRAGMENT],
+        0x0008,
+    );
+    assert_eq!(run(&mut ebpf, &later), (TCX_NEXT, later.clone()));
+    let routed = with_ext(&packet6(TCP, CLIENT6, 40001, VIP6, 80, SYN), &[ROUTING], 1);
+    assert_eq!(run(&mut ebpf, &routed), (TCX_NEXT, routed.clone()));
+    let deep = with_ext(
+        &packet6(TCP, CLIENT6, 40002, VIP6, 80, SYN),
+        &[HOPOPTS, DSTOPTS, ROUTING, DSTOPTS, DSTOPTS],
+        0,
+    );
+    assert_eq!(run(&mut ebpf, &deep), (TCX_NEXT, deep.clone()));
+    // Four are walked (segments left 0: the final destination).
+    let four = with_ext(
+        &packet6(TCP, CLIENT6, 40003, VIP6, 80, SYN),
+        &[HOPOPTS, ROUTING, FRAGMENT, DSTOPTS],
+        0,
+    );
+    let (rc, out) = run(&mut ebpf, &four);
+    assert_eq!(rc, TCX_NEXT);
+    let plain = strip_ext(&out, 4, TCP);
+    assert_eq!((daddr6(&plain), ports6(&plain)), (v6(BE6), (40003, 8080)));
+    assert_checksums6(&plain);
+
+    // An ICMPv6 packet too big behind a hop-by-hop header, about the first flow.
+    let dnatted = run(&mut ebpf, &packet6(TCP, CLIENT6, 40004, VIP6, 80, SYN)).1;
+    let err = with_ext(
+        &icmp6_error(BE6, CLIENT6, 2, 0, 1280, &dnatted[14..]),
+        &[HOPOPTS],
+        0,
+    );
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    let plain = strip_ext(&out, 1, 58);
+    assert_eq!(saddr6(&plain), v6(VIP6));
+    assert_eq!(
+        &plain[62..],
+        &packet6(TCP, CLIENT6, 40004, VIP6, 80, SYN)[14..]
+    );
+    assert_icmp6_checksums(&plain);
+}
+
+#[test]
+fn icmp_error_quoting_sctp_gets_its_ports_back() {
+    if !root() {
+        return;
+    }
+    let mut s = svc("s", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    s.port.name.protocol = crate::model::Protocol::Sctp;
+    let mut ebpf = setup(&snap(vec![s]));
+    let be = [10, 1, 0, 1];
+    let sent = sctp4(CLIENT, 40000, VIP, 80, 1200);
+    let (rc, dnatted) = run(&mut ebpf, &sent);
+    assert_eq!(rc, TCX_NEXT);
+    // Fragmentation needed from the backend's side, quoting 100 bytes of the DNATed packet.
+    let err = icmp4_error(be, CLIENT, 3, 4, 1000, &dnatted[14..114]);
+    let (rc, out) = run(&mut ebpf, &err);
+    assert_eq!(rc, TCX_NEXT);
+    assert_eq!((saddr(&out), daddr(&out)), (VIP, CLIENT));
+    // Addresses and ports as the client sent them; the quoted CRC is left as it was.
+    assert_eq!(&out[42..62], &sent[14..34], "inner IPv4 header");
+    assert_eq!(&out[62..66], &sent[34..38], "inner ports");
+    assert_eq!(&out[66..], &dnatted[38..114]);
+    assert_checksums(&out);
 }

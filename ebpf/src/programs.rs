@@ -1346,7 +1346,13 @@ fn reject<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>) -> Result<i32, ()> {
 // as Cilium's bpf_sock does; recvmsg/getpeername show the frontend again so the application
 // never sees the backend. Return 1 lets the syscall proceed, 0 fails it with the value set
 // by bpf_set_retval (default EPERM). The 4 and 6 hooks share this code through `Fam`; an
-// IPv4-mapped address (::ffff:a.b.c.d) given to an IPv6 socket is not translated.
+// IPv4-mapped address (::ffff:a.b.c.d) given to an IPv6 socket goes through the IPv4 maps
+// (v4mapped.rs).
+
+// A child module (it uses this file's private items); the file sits next to this one.
+#[path = "v4mapped.rs"]
+mod v4mapped;
+use v4mapped::{Native, SockUser};
 
 const ECONNREFUSED: i32 = 111;
 const EPERM: i32 = 1;
@@ -1367,7 +1373,7 @@ fn sock_fail(errno: i32) -> i32 {
 }
 
 #[inline(always)]
-fn sock_forward<F: Fam>(ctx: &SockAddrContext) -> i32 {
+fn sock_forward<F: Fam, U: SockUser<F>>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program run.
     let sa = unsafe { &mut *ctx.sock_addr };
     let Some(proto) = sock_proto(sa) else {
@@ -1385,7 +1391,7 @@ fn sock_forward<F: Fam>(ctx: &SockAddrContext) -> i32 {
     {
         return 1;
     }
-    let addr = F::user_addr(sa);
+    let addr = U::get(sa);
     let port = sa.user_port as u16;
     let mut key = ServiceKey {
         addr,
@@ -1477,14 +1483,14 @@ fn sock_forward<F: Fam>(ctx: &SockAddrContext) -> i32 {
     if F::skrn().insert(&rk, &rv, 0).is_err() {
         return sock_fail(EPERM);
     }
-    F::set_user_addr(sa, be.addr);
+    U::set(sa, be.addr);
     sa.user_port = u32::from(be.port);
     count(stat::SOCK_XLATE, 0);
     1
 }
 
 #[inline(always)]
-fn sock_reverse<F: Fam>(ctx: &SockAddrContext) -> i32 {
+fn sock_reverse<F: Fam, U: SockUser<F>>(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program run.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sock_proto(sa).is_none() {
@@ -1492,11 +1498,11 @@ fn sock_reverse<F: Fam>(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
-    let rk = F::sock_key(cookie, F::user_addr(sa), sa.user_port as u16);
+    let rk = F::sock_key(cookie, U::get(sa), sa.user_port as u16);
     if let Some(v) = F::skrn().get_ptr(&rk) {
         // SAFETY: map value pointer valid for this program run.
         let v = unsafe { *v };
-        F::set_user_addr(sa, v.addr);
+        U::set(sa, v.addr);
         sa.user_port = u32::from(v.port);
     }
     1
@@ -1504,42 +1510,42 @@ fn sock_reverse<F: Fam>(ctx: &SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect4)]
 pub fn shunt_connect4(ctx: SockAddrContext) -> i32 {
-    sock_forward::<V4>(&ctx)
+    sock_forward::<V4, Native>(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn shunt_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock_forward::<V4>(&ctx)
+    sock_forward::<V4, Native>(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn shunt_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock_reverse::<V4>(&ctx)
+    sock_reverse::<V4, Native>(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn shunt_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock_reverse::<V4>(&ctx)
+    sock_reverse::<V4, Native>(&ctx)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn shunt_connect6(ctx: SockAddrContext) -> i32 {
-    sock_forward::<V6>(&ctx)
+    v4mapped::forward6(&ctx)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn shunt_sendmsg6(ctx: SockAddrContext) -> i32 {
-    sock_forward::<V6>(&ctx)
+    v4mapped::forward6(&ctx)
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn shunt_recvmsg6(ctx: SockAddrContext) -> i32 {
-    sock_reverse::<V6>(&ctx)
+    v4mapped::reverse6(&ctx)
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn shunt_getpeername6(ctx: SockAddrContext) -> i32 {
-    sock_reverse::<V6>(&ctx)
+    v4mapped::reverse6(&ctx)
 }
 
 #[cfg(not(test))]

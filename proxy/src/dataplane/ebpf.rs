@@ -24,16 +24,19 @@
 //! [`KernelFamily`] (the plan's [`Family`] plus its socket-map key), and each family's
 //! snapshot is planned and written into that family's maps.
 //!
-//! Not done yet (see ebpf/README.md): node-originated SCTP, following interfaces that
-//! appear after start (veth hot-plug via netlink; they are picked up at the next sync).
+//! Interfaces that appear between syncs (a new pod's veth) are attached as netlink
+//! announces them ([`links`]); every sync still re-scans all of them.
+//!
+//! Not done yet (see ebpf/README.md): node-originated SCTP.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use shunt_abi::{
     AffinityKey, AffinityValue, Backend, Config, CtKey, CtValue, Lpm, RevNat, Service4Value,
@@ -91,11 +94,10 @@ pub fn object() -> &'static [u8] {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Interfaces {
     /// Every interface, loopback included (the uplink, pods' host-side veths, and lo for
-    /// the node's own traffic to node addresses), re-scanned
-    /// at every sync: a veth created later is attached at the next sync (no netlink
-    /// subscription yet, so a new pod's traffic is translated from then on).
+    /// the node's own traffic to node addresses): re-scanned at every sync, and a veth
+    /// created in between is attached when netlink announces it.
     All,
-    /// Exactly these.
+    /// Exactly these (one of them created later is attached when netlink announces it).
     Named(Vec<String>),
 }
 
@@ -552,8 +554,11 @@ struct Loaded {
     ebpf: Ebpf,
     state4: State4,
     state6: State6,
-    /// ifindexes the tc program is attached to by this instance.
-    attached: BTreeSet<u32>,
+    /// The tc program's attachments, shared with the link watcher.
+    tc: Arc<Mutex<links::TcLinks>>,
+    /// Attaches to interfaces as netlink announces them; stopped when dropped (or taken
+    /// before a growth replaces the programs).
+    watcher: Option<links::Watcher>,
     /// The socket programs are attached (or there is no cgroup to attach them to).
     cgroup_attached: bool,
     /// Current max_entries of the maps that grow (`capacity::growable`).
@@ -572,29 +577,6 @@ impl EbpfDataplane {
             return Err(other("pin_dir", "empty path"));
         }
         Ok(EbpfDataplane { opts, loaded: None })
-    }
-
-    /// Link pins are named by ifindex: bpffs refuses names with a dot (bpf_lookup in
-    /// kernel/bpf/inode.c), which interface names like `eth0.100` have.
-    fn link_pin(&self, ifindex: u32, new: bool) -> PathBuf {
-        let prefix = if new { "tcxnew_" } else { "tcx_" };
-        self.opts.pin_dir.join(format!("{prefix}{ifindex}"))
-    }
-
-    fn interfaces(&self) -> Result<Vec<String>, DataplaneError> {
-        match &self.opts.interfaces {
-            Interfaces::Named(v) => Ok(v.clone()),
-            Interfaces::All => {
-                let all = nix::net::if_::if_nameindex()
-                    .map_err(|e| io("listing interfaces", e.into()))?;
-                // Loopback included: the node's own traffic to its node addresses
-                // (NodePorts) is translated there, so it can be masqueraded.
-                Ok(all
-                    .iter()
-                    .map(|i| i.name().to_string_lossy().into_owned())
-                    .collect())
-            }
-        }
     }
 
     fn start(&mut self) -> Result<Loaded, DataplaneError> {
@@ -633,11 +615,13 @@ impl EbpfDataplane {
             .map_err(|e| other(names::HOST_NETNS, e))?
             .set(shunt_abi::host_ns::COOKIE, cookie, 0)
             .map_err(|e| other(names::HOST_NETNS, e))?;
+        let (tc, watcher) = self.tc_links(&mut ebpf)?;
         let mut loaded = Loaded {
             ebpf,
             state4,
             state6,
-            attached: BTreeSet::new(),
+            tc,
+            watcher: Some(watcher),
             cgroup_attached: false,
             sizes: maps::current_sizes(dir)?,
         };
@@ -646,6 +630,24 @@ impl EbpfDataplane {
         // The new programs are attached: the replaced maps' previous copies can go.
         maps::finish(dir, &replaced)?;
         Ok(loaded)
+    }
+
+    /// A second handle on the loaded tc program for attaching, and the netlink watcher that
+    /// attaches it to interfaces as they appear. The watcher subscribes before the caller's
+    /// first scan: an interface created in between is seen by one of the two (attaching
+    /// twice is a no-op).
+    fn tc_links(
+        &self,
+        ebpf: &mut Ebpf,
+    ) -> Result<(Arc<Mutex<links::TcLinks>>, links::Watcher), DataplaneError> {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(TC_INGRESS)
+            .ok_or_else(|| other(TC_INGRESS, "missing"))?
+            .try_into()
+            .map_err(|e| other(TC_INGRESS, e))?;
+        let tc = Arc::new(Mutex::new(links::TcLinks::new(prog, &self.opts.pin_dir)?));
+        let watcher = links::Watcher::start(tc.clone(), self.opts.interfaces.clone())?;
+        Ok((tc, watcher))
     }
 
     /// Attach the socket programs to `cgroup_root`, make-before-break over the links of a
@@ -690,67 +692,21 @@ impl EbpfDataplane {
     /// Attach the tc program to every wanted interface it is not attached to yet, and drop
     /// link pins of interfaces that no longer exist (their links died with the device).
     fn attach_interfaces(&self, l: &mut Loaded) -> Result<(), DataplaneError> {
-        let ifaces = self.interfaces()?;
-        let prog: &mut SchedClassifier = l
-            .ebpf
-            .program_mut(TC_INGRESS)
-            .ok_or_else(|| other(TC_INGRESS, "missing"))?
-            .try_into()
-            .map_err(|e| other(TC_INGRESS, e))?;
-        let mut present = BTreeSet::new();
-        for ifname in &ifaces {
-            let Ok(ifindex) = nix::net::if_::if_nametoindex(ifname.as_str()) else {
-                // Gone between listing and now (a pod being deleted); a Named interface
-                // that does not exist is an error.
-                if matches!(self.opts.interfaces, Interfaces::Named(_)) {
-                    return Err(other(format!("interface {ifname}"), "does not exist"));
-                }
-                continue;
-            };
-            present.insert(ifindex);
-            if l.attached.contains(&ifindex) {
-                continue;
-            }
-            let id = prog
-                .attach(ifname, TcAttachType::Ingress)
-                .map_err(|e| other(format!("attaching {TC_INGRESS} to {ifname} ingress"), e))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(|e| other(ifname, e))?
-                .try_into()
-                .map_err(|e| other(ifname, e))?;
-            replace_link(
-                link,
-                &self.link_pin(ifindex, true),
-                &self.link_pin(ifindex, false),
-            )?;
-            l.attached.insert(ifindex);
-        }
-        l.attached.retain(|i| present.contains(i));
-        if l.attached.contains(&LOOPBACK_IFINDEX) {
+        let present =
+            l.tc.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .scan(&self.opts.interfaces)?;
+        let on_lo = present.contains(&LOOPBACK_IFINDEX);
+        if on_lo {
             allow_local_source_on_lo()?;
         }
         // Tell the socket programs whether loopback is covered (else they must balance
         // node-originated traffic to node addresses themselves).
-        let on_lo = u64::from(l.attached.contains(&LOOPBACK_IFINDEX));
+        let on_lo = u64::from(on_lo);
         aya::maps::Array::<_, u64>::try_from(map_mut(&mut l.ebpf, names::HOST_NETNS)?)
             .map_err(|e| other(names::HOST_NETNS, e))?
             .set(shunt_abi::host_ns::LOOPBACK, on_lo, 0)
             .map_err(|e| other(names::HOST_NETNS, e))?;
-        let dir = &self.opts.pin_dir;
-        let entries =
-            std::fs::read_dir(dir).map_err(|e| io(format!("reading {}", dir.display()), e))?;
-        for ent in entries.flatten() {
-            let name = ent.file_name().to_string_lossy().into_owned();
-            if let Some(idx) = name
-                .strip_prefix("tcx_")
-                .and_then(|i| i.parse::<u32>().ok())
-                && !present.contains(&idx)
-                && nix::net::if_::if_indextoname(idx).is_err()
-            {
-                let _ = std::fs::remove_file(ent.path());
-            }
-        }
         Ok(())
     }
 
@@ -830,11 +786,24 @@ impl EbpfDataplane {
         };
         // From here the new maps are pinned and hold everything: the new programs become
         // the instance even if an attach fails (the next sync retries the attaches).
+        let mut ebpf = ebpf;
+        // The previous programs' watcher stops first: left running, it could attach the old
+        // program to a new interface after the new one did, replacing the newer link.
+        // Interfaces created meanwhile are found by the new watcher or the scan below.
+        l.watcher = None;
+        let (tc, watcher) = match self.tc_links(&mut ebpf) {
+            Ok(t) => t,
+            Err(e) => {
+                maps::restore(dir, &replaced);
+                return Err(fail(e));
+            }
+        };
         let mut next = Loaded {
             ebpf,
             state4: std::mem::take(&mut l.state4),
             state6: std::mem::take(&mut l.state6),
-            attached: BTreeSet::new(),
+            tc,
+            watcher: Some(watcher),
             cgroup_attached: false,
             sizes: sizes.grown.clone(),
         };
@@ -944,6 +913,7 @@ impl Dataplane for EbpfDataplane {
     }
 }
 
+mod links;
 #[cfg(test)]
 mod netns_tests;
 #[cfg(test)]

@@ -373,13 +373,35 @@ impl Maps {
         host: &Host,
         p: &Packet,
     ) -> Result<(BTreeSet<Fate>, Vec<String>), InspectError> {
+        // An IPv4-mapped destination (`::ffff:a.b.c.d`) only exists at a dual-stack IPv6
+        // socket: the kernel sends IPv4, and connect6/sendmsg6 translate it through the
+        // IPv4 services (ebpf/src/v4mapped.rs). Traced as the IPv4 packet it becomes.
+        let mapped = match (p.src, p.dst) {
+            (IpAddr::V6(s), IpAddr::V6(d)) => d.to_ipv4_mapped().map(|d| Packet {
+                src: s.to_ipv4_mapped().map_or(p.src, IpAddr::V4),
+                dst: IpAddr::V4(d),
+                ..*p
+            }),
+            _ => None,
+        };
+        let q = mapped.as_ref().unwrap_or(p);
         let missing = || InspectError::FamilyMissing {
             mode: "ebpf".into(),
-            family: family_name(p.family()).into(),
+            family: family_name(q.family()).into(),
         };
-        match p.family() {
-            IpFamily::V4 => trace::<V4>(self.v4.as_ref().ok_or_else(missing)?, host, p),
-            IpFamily::V6 => trace::<V6>(self.v6.as_ref().ok_or_else(missing)?, host, p),
+        let (fates, mut why) = match q.family() {
+            IpFamily::V4 => trace::<V4>(self.v4.as_ref().ok_or_else(missing)?, host, q)?,
+            IpFamily::V6 => trace::<V6>(self.v6.as_ref().ok_or_else(missing)?, host, q)?,
+        };
+        if mapped.is_some() {
+            why.insert(
+                0,
+                format!(
+                    "{} is IPv4-mapped: a dual-stack socket sends {} -> {} over IPv4; its connect6/sendmsg6 look it up in the IPv4 services",
+                    p.dst, q.src, q.dst
+                ),
+            );
         }
+        Ok((fates, why))
     }
 }

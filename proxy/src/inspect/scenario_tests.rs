@@ -460,3 +460,48 @@ fn load_balancer_case(a: &LbAddrs) {
         );
     }
 }
+
+/// A node process's dual-stack socket given `::ffff:<ClusterIP>`: traced as the IPv4 packet
+/// the kernel sends, through the IPv4 services at the socket (connect6 in the programs), to
+/// the same endpoint as the plain IPv4 ClusterIP. Without the IPv4 maps it is an error.
+#[test]
+fn ebpf_trace_of_an_ipv4_mapped_destination_uses_the_ipv4_services() {
+    use crate::plan::ebpf::tests::{ep, snap, svc};
+    let s = snap(vec![svc("web", "172.30.0.10", vec![ep("10.1.1.2", false)])]);
+    let local: Vec<IpAddr> = vec!["10.1.0.1".parse().unwrap()];
+    let maps = super::ebpf::Maps {
+        v4: Some(program_ebpf::<crate::plan::ebpf::V4>(&s, &local).0),
+        v6: None,
+    };
+    let host = super::ebpf::Host {
+        local: local.clone(),
+        loopback_attached: true,
+    };
+    let p = |src: &str, dst: &str| Packet {
+        protocol: Proto::Tcp,
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        dport: 80,
+    };
+    let (plain, _) = maps.trace(&host, &p("10.1.0.1", "172.30.0.10")).unwrap();
+    let (fates, why) = maps
+        .trace(&host, &p("::ffff:10.1.0.1", "::ffff:172.30.0.10"))
+        .unwrap();
+    assert_eq!(fates, plain);
+    assert!(
+        fates
+            .iter()
+            .any(|f| matches!(f, Fate::Endpoint { endpoint, .. }
+            if *endpoint == "10.1.1.2:8080".parse::<SocketAddr>().unwrap())),
+        "{fates:?}"
+    );
+    assert!(
+        why[0].contains("IPv4-mapped") && why[0].contains("connect6"),
+        "{why:?}"
+    );
+    assert!(
+        super::ebpf::Maps::default()
+            .trace(&host, &p("::ffff:10.1.0.1", "::ffff:172.30.0.10"))
+            .is_err()
+    );
+}

@@ -933,3 +933,83 @@ fn pins_of_other_sizes_are_replaced_with_their_entries() {
     dp.cleanup().unwrap();
     assert!(!dir.exists());
 }
+
+/// From a dual-stack IPv6 socket of a process in the node netns and the test cgroup:
+/// TCP connect + getpeername, connected UDP (connect + send + recv + getpeername) and
+/// unconnected UDP (sendto + recvfrom) to `argv[1]`:80. One line per case: the answer and
+/// the peer the socket shows, or the error's name.
+const MAPPED_CLIENT: &str = "import socket,sys\nd=sys.argv[1]\nfor case in ('tcp','udp-connected','udp'):\n  try:\n    if case=='tcp':\n      s=socket.socket(socket.AF_INET6)\n      s.settimeout(3)\n      s.connect((d,80))\n      print(s.recv(100).decode(),s.getpeername()[0])\n    else:\n      s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n      s.settimeout(3)\n      if case=='udp':\n        s.sendto(b'hi',(d,80))\n        m,a=s.recvfrom(100)\n        print(m.decode(),a[0])\n      else:\n        s.connect((d,80))\n        s.send(b'hi')\n        print(s.recv(100).decode(),s.getpeername()[0])\n  except Exception as e:\n    print(type(e).__name__)\n";
+
+fn mapped_from_node(lab: &Lab, addr: &str) -> Vec<String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\" {addr}",
+        lab.cgroup.display(),
+        lab.ns("n")
+    );
+    sh(&["sh", "-c", &script, MAPPED_CLIENT])
+        .unwrap_or_else(|e| e)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// An IPv4-mapped ClusterIP (`::ffff:172.30.0.10`) given to a dual-stack IPv6 socket goes
+/// through the IPv4 services: connect6 (TCP and connected UDP) and, for unconnected UDP,
+/// the kernel's own sendmsg4 pick the backend; getpeername6/recvmsg6 show the mapped
+/// frontend again. Before the programs are attached the same address reaches nothing.
+#[test]
+fn ipv4_mapped_clusterip_from_a_dual_stack_node_socket() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root for netns, bpffs and tcx");
+        return;
+    }
+    if !std::path::Path::new(CGROUP2).join("cgroup.procs").exists() {
+        eprintln!("skipped: no cgroup v2 at {CGROUP2}");
+        return;
+    }
+    for tool in ["ip", "ethtool", "python3", "mount"] {
+        if sh(&["sh", "-c", &format!("command -v {tool}")]).is_err() {
+            eprintln!("skipped: {tool} missing");
+            return;
+        }
+    }
+    let mut lab = setup_tagged("m").unwrap_or_else(|e| panic!("lab setup: {e}"));
+    lab.serve("b", &[SERVER, UDP_SERVER], 2);
+    let opts = EbpfOptions {
+        cgroup_root: lab.cgroup.clone(),
+        pin_dir: lab.bpffs.join("shunt"),
+        interfaces: Interfaces::All,
+        ..Default::default()
+    };
+    let web = svc("web", "172.30.0.10", vec![ep("10.1.1.2", false)]);
+    let mut dns = svc("dns", "172.30.0.10", vec![ep("10.1.1.2", false)]);
+    dns.port.name.protocol = crate::model::Protocol::Udp;
+    let mut s = snap(vec![web, dns]);
+    s.network.primary_ip = Some("10.1.0.1".parse().unwrap());
+
+    let before = mapped_from_node(&lab, "::ffff:172.30.0.10");
+    assert!(
+        !before
+            .iter()
+            .any(|l| l.starts_with("hello") || l.starts_with("echo")),
+        "nothing answers at the ClusterIP before shunt: {before:?}"
+    );
+    in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        sync(&mut dp, &s);
+    });
+    // The backend sees the node's IPv4 address on its link; the socket sees the frontend.
+    assert_eq!(
+        mapped_from_node(&lab, "::ffff:172.30.0.10"),
+        [
+            "hello 10.1.1.1 ::ffff:172.30.0.10",
+            "echo 10.1.1.1 ::ffff:172.30.0.10",
+            "echo 10.1.1.1 ::ffff:172.30.0.10",
+        ]
+    );
+    in_node(&lab, || {
+        let mut dp = EbpfDataplane::new(opts.clone()).unwrap();
+        dp.cleanup().unwrap();
+    });
+    assert!(!opts.pin_dir.exists());
+}

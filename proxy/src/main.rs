@@ -198,7 +198,8 @@ fn run(settings: Settings) -> anyhow::Result<()> {
                     .context("ebpf mode: finding the cgroup2 mount (or pass --cgroup-root)")?,
             };
             let dp = EbpfDataplane::new(ebpf_options(Some(cgroup_root), &settings.pin_dir))
-                .context("ebpf mode: invalid options")?;
+                .context("ebpf mode: invalid options")?
+                .with_conntrack(&settings.conntrack);
             start(settings, dp)
         }
     }

@@ -540,6 +540,9 @@ struct Loaded {
 pub struct EbpfDataplane {
     opts: EbpfOptions,
     loaded: Option<Loaded>,
+    /// The programs' conntrack timeouts (`with_conntrack`), and their sweep.
+    ct_timeouts: shunt_abi::CtTimeouts,
+    ct_sweeper: ct_sweep::Sweeper,
 }
 
 impl EbpfDataplane {
@@ -547,7 +550,18 @@ impl EbpfDataplane {
         if opts.pin_dir.as_os_str().is_empty() {
             return Err(other("pin_dir", "empty path"));
         }
-        Ok(EbpfDataplane { opts, loaded: None })
+        Ok(EbpfDataplane {
+            opts,
+            loaded: None,
+            ct_timeouts: shunt_abi::CtTimeouts::default(),
+            ct_sweeper: ct_sweep::Sweeper::default(),
+        })
+    }
+
+    /// Use kube-proxy's conntrack settings for the programs' conntrack timeouts.
+    pub fn with_conntrack(mut self, s: &crate::config::ConntrackSettings) -> Self {
+        self.ct_timeouts = ct_sweep::timeouts(s);
+        self
     }
 
     /// Link pins are named by ifindex: bpffs refuses names with a dot (bpf_lookup in
@@ -591,6 +605,7 @@ impl EbpfDataplane {
             .map_err(|e| other(names::HOST_NETNS, e))?
             .set(shunt_abi::host_ns::COOKIE, cookie, 0)
             .map_err(|e| other(names::HOST_NETNS, e))?;
+        ct_sweep::write_timeouts(&mut ebpf, self.ct_timeouts)?;
         if !self.opts.cgroup_root.as_os_str().is_empty() {
             let cg = &self.opts.cgroup_root;
             let cgf = std::fs::File::open(cg)
@@ -745,6 +760,15 @@ impl Dataplane for EbpfDataplane {
                 }
             }
         }
+        match self
+            .ct_sweeper
+            .maybe_sweep::<V4, V6>(&mut l.ebpf, &self.ct_timeouts)
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(deleted = n, "swept expired conntrack entries"),
+            // The sweep only reclaims memory early; a failure does not fail the sync.
+            Err(e) => tracing::warn!("conntrack sweep: {e}"),
+        }
         Ok(outcome)
     }
 
@@ -793,6 +817,7 @@ impl Dataplane for EbpfDataplane {
     }
 }
 
+pub mod ct_sweep;
 #[cfg(test)]
 mod netns_tests;
 #[cfg(test)]

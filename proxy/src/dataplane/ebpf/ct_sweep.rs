@@ -114,3 +114,155 @@ impl Sweeper {
         Ok(sweep_family::<F4>(ebpf, t, now)? + sweep_family::<F6>(ebpf, t, now)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use shunt_abi::{ct_dir, ct_state as s};
+
+    use super::*;
+
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+    const F: u8 = ct_dir::FORWARD;
+    const R: u8 = ct_dir::REPLY;
+
+    #[test]
+    fn state_transitions_table() {
+        let st = |v: u8| u32::from(v);
+        // (state before, direction, proto, flags, state after)
+        let cases = [
+            (s::initial(TCP, SYN), F, TCP, SYN, st(s::TCP_SYN_SENT)),
+            (
+                st(s::TCP_SYN_SENT),
+                R,
+                TCP,
+                SYN | ACK,
+                st(s::TCP_ESTABLISHED),
+            ),
+            (st(s::TCP_ESTABLISHED), F, TCP, ACK, st(s::TCP_ESTABLISHED)),
+            (
+                st(s::TCP_ESTABLISHED),
+                F,
+                TCP,
+                FIN | ACK,
+                st(s::TCP_CLOSE_WAIT) | s::FIN_FORWARD,
+            ),
+            (
+                st(s::TCP_CLOSE_WAIT) | s::FIN_FORWARD,
+                R,
+                TCP,
+                FIN | ACK,
+                st(s::TCP_TIME_WAIT) | s::FIN_FORWARD | s::FIN_REPLY,
+            ),
+            (
+                st(s::TCP_CLOSE_WAIT) | s::FIN_REPLY,
+                R,
+                TCP,
+                ACK,
+                st(s::TCP_CLOSE_WAIT) | s::FIN_REPLY,
+            ),
+            (st(s::TCP_ESTABLISHED), R, TCP, RST, st(s::TCP_CLOSE)),
+            (st(s::TCP_CLOSE), F, TCP, ACK, st(s::TCP_CLOSE)),
+            (st(s::NONE), F, TCP, ACK, st(s::TCP_ESTABLISHED)),
+            (s::initial(TCP, ACK), F, TCP, ACK, st(s::TCP_ESTABLISHED)),
+            (s::initial(UDP, 0), F, UDP, 0, st(s::UDP_UNREPLIED)),
+            (st(s::UDP_UNREPLIED), R, UDP, 0, st(s::UDP_REPLIED)),
+            (st(s::UDP_REPLIED), F, UDP, 0, st(s::UDP_REPLIED)),
+            (st(s::NONE), F, UDP, 0, st(s::UDP_REPLIED)),
+        ];
+        for (i, (before, dir, proto, flags, after)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                s::next(before, dir, proto, flags),
+                after,
+                "case {i}: {} + {flags:#x}",
+                s::name(before)
+            );
+        }
+        assert!(s::reopens(st(s::TCP_TIME_WAIT), SYN));
+        assert!(s::reopens(st(s::TCP_CLOSE), SYN));
+        assert!(!s::reopens(st(s::TCP_ESTABLISHED), SYN));
+        assert!(!s::reopens(st(s::TCP_TIME_WAIT), SYN | ACK));
+    }
+
+    #[test]
+    fn timeouts_from_settings_and_defaults() {
+        let d = ConntrackSettings::default();
+        let t = timeouts(&d);
+        assert_eq!(
+            t,
+            CtTimeouts {
+                tcp_established: 86400,
+                tcp_close_wait: 3600,
+                udp: 0,
+                udp_stream: 0
+            }
+        );
+        let st = |v: u8| u32::from(v);
+        assert_eq!(t.secs(TCP, st(s::TCP_ESTABLISHED)), 86400);
+        assert_eq!(t.secs(TCP, st(s::TCP_CLOSE_WAIT) | s::FIN_FORWARD), 3600);
+        assert_eq!(t.secs(TCP, st(s::TCP_SYN_SENT)), 120);
+        assert_eq!(t.secs(TCP, st(s::TCP_TIME_WAIT)), 120);
+        assert_eq!(t.secs(TCP, st(s::TCP_CLOSE)), 10);
+        assert_eq!(t.secs(UDP, st(s::UDP_UNREPLIED)), 30, "0 = kernel default");
+        assert_eq!(t.secs(UDP, st(s::UDP_REPLIED)), 120);
+        assert_eq!(
+            t.secs(TCP, st(s::NONE)),
+            86400,
+            "adopted entry: established"
+        );
+        let z = timeouts(&ConntrackSettings {
+            tcp_established_timeout: Duration::ZERO,
+            udp_timeout: Duration::from_millis(10),
+            udp_stream_timeout: Duration::from_secs(45),
+            ..d
+        });
+        assert_eq!(
+            z.secs(TCP, st(s::TCP_ESTABLISHED)),
+            432_000,
+            "0 = kernel's 5 days"
+        );
+        assert_eq!(z.secs(UDP, st(s::UDP_UNREPLIED)), 1, "sub-second rounds up");
+        assert_eq!(z.secs(UDP, st(s::UDP_REPLIED)), 45);
+    }
+
+    #[test]
+    fn expired_picks_only_idle_entries() {
+        let t = CtTimeouts::default();
+        let sec = 1_000_000_000u64;
+        let now = 1000 * sec;
+        let e = |sport: u16, proto: u8, pad: u8, idle: u64| {
+            (
+                CtKey::<u32> {
+                    sport,
+                    proto,
+                    ..Default::default()
+                },
+                CtValue::<u32> {
+                    pad2: u32::from(pad),
+                    last_seen_ns: now - idle * sec,
+                    ..Default::default()
+                },
+            )
+        };
+        let got = expired(
+            [
+                e(1, UDP, s::UDP_UNREPLIED, 29),
+                e(2, UDP, s::UDP_UNREPLIED, 31),
+                e(3, UDP, s::UDP_REPLIED, 31),
+                e(4, TCP, s::TCP_CLOSE, 11),
+                e(5, TCP, s::TCP_SYN_SENT, 100),
+            ],
+            &t,
+            now,
+        );
+        assert_eq!(got.iter().map(|k| k.sport).collect::<Vec<_>>(), vec![2, 4]);
+        assert_eq!(
+            t.left_ns(UDP, u32::from(s::UDP_UNREPLIED), now - 29 * sec, now),
+            Some(sec)
+        );
+    }
+}

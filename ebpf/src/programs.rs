@@ -56,6 +56,9 @@ use shunt_abi::{
     ct_dir, ct_flags, host_ns, limits, scope, stat, svc_flags,
 };
 
+#[path = "ct.rs"]
+mod ct;
+
 #[map(name = "SHUNT_STATS")]
 static SHUNT_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 #[map(name = "SHUNT_HOSTNS")]
@@ -752,7 +755,14 @@ fn ct_hit<F: Fam>(
         // SAFETY: map value pointer valid for this program run; races with other CPUs only
         // affect the timestamp.
         let ct = unsafe { &mut *ct };
-        ct.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+        match ct::seen::<F>(ctx, p, ct_key, ct) {
+            ct::Seen::Live => {}
+            ct::Seen::Gone => return Ok(false),
+            ct::Seen::Stale => {
+                *act = Action::Verdict(TCX_NEXT);
+                return Ok(true);
+            }
+        }
         if ct.dir == ct_dir::REPLY {
             let (sa, sp, da, dp) = (ct.nat_addr, ct.nat_port, ct.snat_addr, ct.snat_port);
             let redirect = ct.flags & ct_flags::REDIRECT != 0;
@@ -998,7 +1008,7 @@ fn commit<F: Fam>(
         flags: f.reply_flags,
         snat_port: if f.masq { p.sport } else { 0 },
         snat_addr: if f.masq { p.saddr } else { F::A::default() },
-        pad2: 0,
+        pad2: ct::initial(ctx, p),
         last_seen_ns: f.now,
     };
     // Reply entry first: once the forward entry exists a reply may already be on its way.

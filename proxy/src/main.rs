@@ -179,6 +179,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
     match settings.mode {
         ProxyMode::Nftables => {
             let dp = NftablesDataplane::new().context("nftables mode: nft is not usable")?;
+            netfilter_conntrack(&settings)?;
             start(settings, dp)
         }
         ProxyMode::Iptables => {
@@ -187,6 +188,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
                 ..IptablesOptions::default()
             })
             .context("iptables mode: iptables is not usable")?;
+            netfilter_conntrack(&settings)?;
             start(settings, dp)
         }
         ProxyMode::Ebpf => {
@@ -197,10 +199,22 @@ fn run(settings: Settings) -> anyhow::Result<()> {
             };
             let mut opts = ebpf_options(Some(cgroup_root), &settings.pin_dir);
             opts.map_sizes = settings.map_sizes;
-            let dp = EbpfDataplane::new(opts).context("ebpf mode: invalid options")?;
+            let dp = EbpfDataplane::new(opts)
+                .context("ebpf mode: invalid options")?
+                .with_conntrack(&settings.conntrack);
             start(settings, dp)
         }
     }
+}
+
+/// netfilter modes: kube-proxy's conntrack settings as the nf_conntrack sysctls of the node's
+/// network namespace (server_linux.go platformSetup runs setupConntrack before the proxier).
+fn netfilter_conntrack(settings: &Settings) -> anyhow::Result<()> {
+    use shunt::dataplane::conntrack_sysctl as ct;
+    let writes = ct::plan(&settings.conntrack, ct::usable_cpus());
+    ct::apply(std::path::Path::new(ct::NETFILTER_SYSCTL_DIR), &writes)
+        .context("applying the conntrack settings (--conntrack-* / conntrack:)")?;
+    Ok(())
 }
 
 /// ebpf mode's options: pins under `pin_dir` (--pin-dir), the tc program on every interface,

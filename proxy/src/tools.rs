@@ -90,13 +90,15 @@ pub fn run(cmd: ToolCommand) -> anyhow::Result<()> {
                 let mut out = format!("{} entries\n", es.len());
                 for e in es {
                     out.push_str(&format!(
-                        "  {} {} -> {} {} nat {}{}\n",
+                        "  {} {} -> {} {} nat {}{} {} expires in {}s\n",
                         e.protocol,
                         e.src,
                         e.dst,
                         e.direction,
                         e.nat,
-                        e.snat.map_or(String::new(), |s| format!(" snat {s}"))
+                        e.snat.map_or(String::new(), |s| format!(" snat {s}")),
+                        e.state,
+                        e.expires_in_secs
                     ));
                 }
                 out

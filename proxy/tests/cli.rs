@@ -54,6 +54,13 @@ fn help_lists_kube_proxy_flags() {
         "--v",
         "--manifests",
         "--cgroup-root",
+        "--conntrack-max-per-core",
+        "--conntrack-min",
+        "--conntrack-tcp-timeout-established",
+        "--conntrack-tcp-timeout-close-wait",
+        "--conntrack-tcp-be-liberal",
+        "--conntrack-udp-timeout",
+        "--conntrack-udp-timeout-stream",
     ] {
         assert!(text.contains(flag), "--help lacks {flag}:\n{text}");
     }

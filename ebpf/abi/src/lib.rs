@@ -46,10 +46,13 @@ pub mod names {
     pub const SOCK_REVNAT6: &str = "SHUNT_SKRN6";
     pub const CONFIG6: &str = "SHUNT_CFG6";
     pub const SOCK_FWD6: &str = "SHUNT_SKFWD6";
+    /// Array, one `CtTimeouts`: the conntrack timeouts the agent configured.
+    pub const CT_TIMEOUTS: &str = "SHUNT_CTTMO";
     /// Every map the kernel object declares, pinned by name; except the tc program's
     /// per-CPU scratch maps `SHUNT_SCRATCH4`/`SHUNT_SCRATCH6`, which hold nothing between
     /// runs and are not pinned.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
+        CT_TIMEOUTS,
         SERVICES4,
         BACKENDS4,
         REVNAT4,
@@ -358,6 +361,170 @@ pub type Ct6Value = CtValue<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Ct4Value>() == 32);
 const _: () = assert!(core::mem::size_of::<Ct6Value>() == 56);
 
+/// The conntrack timeouts, in seconds (array map `SHUNT_CTTMO`, one entry, written by the
+/// agent from kube-proxy's conntrack settings). 0 = the Linux nf_conntrack default
+/// (`ct_state::DEFAULT_*`): an unwritten map, or a setting of 0 ("leave the kernel's value").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtTimeouts {
+    pub tcp_established: u32,
+    pub tcp_close_wait: u32,
+    pub udp: u32,
+    pub udp_stream: u32,
+}
+const _: () = assert!(core::mem::size_of::<CtTimeouts>() == 16);
+
+impl CtTimeouts {
+    /// Seconds left before an entry of `proto` in state `pad`, last seen at `last_seen_ns`,
+    /// expires at `now_ns` (bpf_ktime_get_ns / CLOCK_MONOTONIC); None once it has.
+    pub const fn left_ns(
+        &self,
+        proto: u8,
+        pad: u32,
+        last_seen_ns: u64,
+        now_ns: u64,
+    ) -> Option<u64> {
+        let idle = now_ns.saturating_sub(last_seen_ns);
+        let limit = self.secs(proto, pad).saturating_mul(1_000_000_000);
+        if idle > limit {
+            None
+        } else {
+            Some(limit - idle)
+        }
+    }
+
+    /// Idle timeout of an entry whose `CtValue::pad2` is `pad` (see `ct_state`).
+    pub const fn secs(&self, proto: u8, pad: u32) -> u64 {
+        const fn or(v: u32, d: u32) -> u64 {
+            if v == 0 { d as u64 } else { v as u64 }
+        }
+        match (pad & ct_state::STATE_MASK) as u8 {
+            ct_state::TCP_SYN_SENT => ct_state::DEFAULT_TCP_SYN_SENT as u64,
+            ct_state::TCP_CLOSE_WAIT => or(self.tcp_close_wait, ct_state::DEFAULT_TCP_CLOSE_WAIT),
+            ct_state::TCP_TIME_WAIT => ct_state::DEFAULT_TCP_TIME_WAIT as u64,
+            ct_state::TCP_CLOSE => ct_state::DEFAULT_TCP_CLOSE as u64,
+            ct_state::TCP_ESTABLISHED => {
+                or(self.tcp_established, ct_state::DEFAULT_TCP_ESTABLISHED)
+            }
+            ct_state::UDP_UNREPLIED => or(self.udp, ct_state::DEFAULT_UDP),
+            ct_state::UDP_REPLIED => or(self.udp_stream, ct_state::DEFAULT_UDP_STREAM),
+            // NONE: written by a program without state tracking (adopted on restart): the
+            // live flow's timeout.
+            _ if proto == ct_state::IPPROTO_TCP => {
+                or(self.tcp_established, ct_state::DEFAULT_TCP_ESTABLISHED)
+            }
+            _ => or(self.udp_stream, ct_state::DEFAULT_UDP_STREAM),
+        }
+    }
+}
+
+/// Connection state of a conntrack entry, kept in `CtValue::pad2` (a field older programs
+/// leave 0, so adopted entries read as `NONE`): bits 0..8 the state, bit 8 / 9 a FIN seen
+/// from the client / from the backend. Both entries of a flow carry the same value.
+/// Modelled on nf_conntrack_proto_tcp.c and Cilium's bpf/lib/conntrack.h (closing flags,
+/// SYN vs. established lifetime), reduced to what decides a timeout.
+pub mod ct_state {
+    pub const IPPROTO_TCP: u8 = 6;
+    pub const STATE_MASK: u32 = 0xff;
+    pub const NONE: u8 = 0;
+    /// The client's SYN was seen, no answer yet.
+    pub const TCP_SYN_SENT: u8 = 1;
+    pub const TCP_ESTABLISHED: u8 = 2;
+    /// One side sent FIN (half closed).
+    pub const TCP_CLOSE_WAIT: u8 = 3;
+    /// Both sides sent FIN.
+    pub const TCP_TIME_WAIT: u8 = 4;
+    /// RST seen.
+    pub const TCP_CLOSE: u8 = 5;
+    pub const UDP_UNREPLIED: u8 = 6;
+    /// A reply was seen (nf_conntrack's ASSURED UDP "stream").
+    pub const UDP_REPLIED: u8 = 7;
+    pub const FIN_FORWARD: u32 = 1 << 8;
+    pub const FIN_REPLY: u32 = 1 << 9;
+
+    /// Linux's nf_conntrack defaults, seconds (nf_conntrack_proto_tcp.c tcp_timeouts,
+    /// nf_conntrack_proto_udp.c udp_timeouts).
+    pub const DEFAULT_TCP_SYN_SENT: u32 = 120;
+    pub const DEFAULT_TCP_ESTABLISHED: u32 = 5 * 24 * 3600;
+    pub const DEFAULT_TCP_CLOSE_WAIT: u32 = 60;
+    pub const DEFAULT_TCP_TIME_WAIT: u32 = 120;
+    pub const DEFAULT_TCP_CLOSE: u32 = 10;
+    pub const DEFAULT_UDP: u32 = 30;
+    pub const DEFAULT_UDP_STREAM: u32 = 120;
+
+    const FIN: u8 = 0x01;
+    const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+
+    /// The state of a new flow from its first packet (`tcp_flags` 0 for UDP). A TCP flow
+    /// first seen mid-connection (entries lost) is picked up as established, as
+    /// nf_conntrack_tcp_loose does.
+    pub const fn initial(proto: u8, tcp_flags: u8) -> u32 {
+        if proto != IPPROTO_TCP {
+            return UDP_UNREPLIED as u32;
+        }
+        if tcp_flags & RST != 0 {
+            TCP_CLOSE as u32
+        } else if tcp_flags & (SYN | ACK) == SYN {
+            TCP_SYN_SENT as u32
+        } else {
+            TCP_ESTABLISHED as u32
+        }
+    }
+
+    /// The state after a packet in direction `dir` (`ct_dir::FORWARD`/`REPLY`).
+    pub const fn next(pad: u32, dir: u8, proto: u8, tcp_flags: u8) -> u32 {
+        let state = (pad & STATE_MASK) as u8;
+        let mut fins = pad & (FIN_FORWARD | FIN_REPLY);
+        let reply = dir == super::ct_dir::REPLY;
+        if proto != IPPROTO_TCP {
+            return if reply || state == UDP_REPLIED || state == NONE {
+                UDP_REPLIED as u32
+            } else {
+                UDP_UNREPLIED as u32
+            };
+        }
+        if state == TCP_CLOSE || tcp_flags & RST != 0 {
+            return TCP_CLOSE as u32 | fins;
+        }
+        if tcp_flags & FIN != 0 {
+            fins |= if reply { FIN_REPLY } else { FIN_FORWARD };
+        }
+        let s = if fins == FIN_FORWARD | FIN_REPLY {
+            TCP_TIME_WAIT
+        } else if fins != 0 {
+            TCP_CLOSE_WAIT
+        } else if state == TCP_SYN_SENT && !reply {
+            TCP_SYN_SENT
+        } else {
+            // The backend answered (SYN-ACK or anything else), or an adopted entry.
+            TCP_ESTABLISHED
+        };
+        s as u32 | fins
+    }
+
+    /// A TCP SYN without ACK on an entry whose connection is over opens a new connection
+    /// (nf_conntrack reopens TIME_WAIT/CLOSE tuples the same way).
+    pub const fn reopens(pad: u32, tcp_flags: u8) -> bool {
+        let state = (pad & STATE_MASK) as u8;
+        tcp_flags & (SYN | ACK) == SYN && (state == TCP_TIME_WAIT || state == TCP_CLOSE)
+    }
+
+    pub const fn name(pad: u32) -> &'static str {
+        match (pad & STATE_MASK) as u8 {
+            TCP_SYN_SENT => "SYN_SENT",
+            TCP_ESTABLISHED => "ESTABLISHED",
+            TCP_CLOSE_WAIT => "CLOSE_WAIT",
+            TCP_TIME_WAIT => "TIME_WAIT",
+            TCP_CLOSE => "CLOSE",
+            UDP_UNREPLIED => "UNREPLIED",
+            UDP_REPLIED => "REPLIED",
+            _ => "UNTRACKED",
+        }
+    }
+}
+
 /// Node-wide settings (array map, one entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -506,6 +673,7 @@ mod user {
     // the generic ones only for the two sealed `Wire` address types, whose instantiations'
     // sizes are asserted.
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for CtTimeouts {}
     unsafe impl aya::Pod for Service4Value {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SockRevNat4Key {}

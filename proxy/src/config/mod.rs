@@ -11,6 +11,7 @@
 //!
 //! Nothing here touches the system: [`Settings::from_args`] takes the host facts it needs as
 //! an argument, so an invalid command line fails before any socket or nft call.
+pub mod conntrack;
 pub mod duration;
 pub mod file;
 pub mod tools;
@@ -25,6 +26,7 @@ use ipnet::IpNet;
 
 use crate::model::{DetectLocal, IpFamily, NodeConfig};
 use crate::plan::ebpf::capacity::{self, CapacityFlags, MapSizes};
+pub use conntrack::ConntrackSettings;
 pub use duration::{format_go_duration, parse_go_duration};
 
 /// kube-proxy's default ports (pkg/cluster/ports: ProxyHealthzPort, ProxyStatusPort).
@@ -126,6 +128,42 @@ pub struct Cli {
     /// kube-proxy's IPVS-mode minimum sync period; accepted for compatibility (see above).
     #[arg(long, value_name = "DURATION", value_parser = parse_go_duration, allow_hyphen_values = true)]
     pub ipvs_min_sync_period: Option<Duration>,
+
+    /// Maximum number of NAT connections to track per CPU core (0 to leave the limit as-is
+    /// and ignore --conntrack-min). Ignored if a config file is specified by --config.
+    #[arg(long, value_name = "INT", allow_hyphen_values = true)]
+    pub conntrack_max_per_core: Option<i64>,
+
+    /// Minimum number of conntrack entries to allocate, regardless of
+    /// --conntrack-max-per-core (set --conntrack-max-per-core=0 to leave the limit as-is).
+    /// Ignored if a config file is specified by --config.
+    #[arg(long, value_name = "INT", allow_hyphen_values = true)]
+    pub conntrack_min: Option<i64>,
+
+    /// Idle timeout for established TCP connections (0 to leave as-is); default 24h0m0s.
+    /// Ignored if a config file is specified by --config.
+    #[arg(long, value_name = "DURATION", value_parser = parse_go_duration, allow_hyphen_values = true)]
+    pub conntrack_tcp_timeout_established: Option<Duration>,
+
+    /// NAT timeout for TCP connections in the CLOSE_WAIT state (0 to leave as-is); default
+    /// 1h0m0s. Ignored if a config file is specified by --config.
+    #[arg(long, value_name = "DURATION", value_parser = parse_go_duration, allow_hyphen_values = true)]
+    pub conntrack_tcp_timeout_close_wait: Option<Duration>,
+
+    /// Enable liberal mode for tracking TCP packets (nf_conntrack_tcp_be_liberal = 1).
+    /// Ignored if a config file is specified by --config.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub conntrack_tcp_be_liberal: Option<bool>,
+
+    /// Idle timeout for UNREPLIED UDP connections (0 to leave as-is). Ignored if a config
+    /// file is specified by --config.
+    #[arg(long, value_name = "DURATION", value_parser = parse_go_duration, allow_hyphen_values = true)]
+    pub conntrack_udp_timeout: Option<Duration>,
+
+    /// Idle timeout for ASSURED UDP connections (0 to leave as-is). Ignored if a config file
+    /// is specified by --config.
+    #[arg(long, value_name = "DURATION", value_parser = parse_go_duration, allow_hyphen_values = true)]
+    pub conntrack_udp_timeout_stream: Option<Duration>,
 
     /// Path to kubeconfig file with authorization information (the master location can be
     /// overridden by the master flag). Without it (and without --manifests) the in-cluster
@@ -317,6 +355,8 @@ pub struct Settings {
     pub map_sizes: MapSizes,
     /// klog verbosity level.
     pub verbosity: u8,
+    /// `--conntrack-*` / the file's `conntrack:` section.
+    pub conntrack: ConntrackSettings,
     /// Things worth a warning once logging is up (flags ignored because of --config, fields
     /// shunt reads but does not act on).
     pub warnings: Vec<String>,
@@ -383,6 +423,51 @@ struct Raw<'a> {
     min_sync_period: (Option<Duration>, Src<'a>),
     kubeconfig: Option<PathBuf>,
     verbosity: u8,
+    conntrack: RawConntrack<'a>,
+}
+
+/// The conntrack settings before defaulting and validation. Durations are parsed already
+/// (a flag by its value parser, a file field in `from_file`), both rejecting negatives.
+struct RawConntrack<'a> {
+    max_per_core: (Option<i64>, Src<'a>),
+    min: (Option<i64>, Src<'a>),
+    tcp_established_timeout: Option<Duration>,
+    tcp_close_wait_timeout: Option<Duration>,
+    tcp_be_liberal: Option<bool>,
+    udp_timeout: Option<Duration>,
+    udp_stream_timeout: Option<Duration>,
+}
+
+impl RawConntrack<'_> {
+    /// kube-proxy's defaulting: an unset value takes the default; an explicit 0 stays 0
+    /// ("leave the kernel's value"), as defaults.go only fills nil fields.
+    fn validate(self) -> Result<ConntrackSettings, ConfigError> {
+        let d = ConntrackSettings::default();
+        // validation.go: maxPerCore and min must be >= 0; they are int32 fields.
+        let count = |(v, src): (Option<i64>, Src<'_>), default: u32| match v {
+            None => Ok(default),
+            Some(n) if n < 0 => {
+                Err(src.invalid(n.to_string(), "must be greater than or equal to 0"))
+            }
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| i32::try_from(*n).is_ok())
+                .ok_or_else(|| src.invalid(n.to_string(), "must fit in a 32-bit signed integer")),
+        };
+        Ok(ConntrackSettings {
+            max_per_core: count(self.max_per_core, d.max_per_core)?,
+            min: count(self.min, d.min)?,
+            tcp_established_timeout: self
+                .tcp_established_timeout
+                .unwrap_or(d.tcp_established_timeout),
+            tcp_close_wait_timeout: self
+                .tcp_close_wait_timeout
+                .unwrap_or(d.tcp_close_wait_timeout),
+            tcp_be_liberal: self.tcp_be_liberal.unwrap_or(d.tcp_be_liberal),
+            udp_timeout: self.udp_timeout.unwrap_or(d.udp_timeout),
+            udp_stream_timeout: self.udp_stream_timeout.unwrap_or(d.udp_stream_timeout),
+        })
+    }
 }
 
 impl Settings {
@@ -435,6 +520,18 @@ impl Settings {
                 ),
                 kubeconfig: cli.kubeconfig.clone(),
                 verbosity: cli.v.unwrap_or(0),
+                conntrack: RawConntrack {
+                    max_per_core: (
+                        cli.conntrack_max_per_core,
+                        Src::Flag("conntrack-max-per-core"),
+                    ),
+                    min: (cli.conntrack_min, Src::Flag("conntrack-min")),
+                    tcp_established_timeout: cli.conntrack_tcp_timeout_established,
+                    tcp_close_wait_timeout: cli.conntrack_tcp_timeout_close_wait,
+                    tcp_be_liberal: cli.conntrack_tcp_be_liberal,
+                    udp_timeout: cli.conntrack_udp_timeout,
+                    udp_stream_timeout: cli.conntrack_udp_timeout_stream,
+                },
             },
             Some(path) => {
                 file_text =
@@ -466,6 +563,7 @@ impl Settings {
     ) -> Result<Settings, ConfigError> {
         let mode = parse_mode(raw.mode.0.as_deref(), raw.mode.1)?;
         let map_sizes = map_sizes(cli, host)?;
+        let conntrack = raw.conntrack.validate()?;
 
         // --hostname-override wins over the file (options.go processHostnameOverrideFlag); an
         // explicitly empty flag is an error there. The name is trimmed and lower-cased as
@@ -630,6 +728,7 @@ impl Settings {
             pin_dir: cli.pin_dir.clone(),
             map_sizes,
             verbosity: raw.verbosity,
+            conntrack,
             warnings,
         })
     }
@@ -678,34 +777,38 @@ fn from_file<'a>(
         };
     let sync_period = dur(sync_s, sync_name)?;
     let min_sync_period = dur(min_s, min_name)?;
+    let ct = cfg.conntrack.as_ref();
+    let ct_dur = |name: &'a str, v: Option<&String>| dur(v.cloned(), name).map(|(d, _)| d);
+    let conntrack = RawConntrack {
+        max_per_core: (
+            ct.and_then(|c| c.max_per_core).map(i64::from),
+            Src::Field("conntrack.maxPerCore", path),
+        ),
+        min: (
+            ct.and_then(|c| c.min).map(i64::from),
+            Src::Field("conntrack.min", path),
+        ),
+        tcp_established_timeout: ct_dur(
+            "conntrack.tcpEstablishedTimeout",
+            ct.and_then(|c| c.tcp_established_timeout.as_ref()),
+        )?,
+        tcp_close_wait_timeout: ct_dur(
+            "conntrack.tcpCloseWaitTimeout",
+            ct.and_then(|c| c.tcp_close_wait_timeout.as_ref()),
+        )?,
+        tcp_be_liberal: ct.and_then(|c| c.tcp_be_liberal),
+        udp_timeout: ct_dur(
+            "conntrack.udpTimeout",
+            ct.and_then(|c| c.udp_timeout.as_ref()),
+        )?,
+        udp_stream_timeout: ct_dur(
+            "conntrack.udpStreamTimeout",
+            ct.and_then(|c| c.udp_stream_timeout.as_ref()),
+        )?,
+    };
     // Durations shunt does not act on are still checked, so a typo does not pass silently.
     let mut other_durations: Vec<(&str, Option<&String>)> =
         vec![("configSyncPeriod", cfg.config_sync_period.as_ref())];
-    if let Some(c) = &cfg.conntrack {
-        other_durations.extend([
-            (
-                "conntrack.tcpEstablishedTimeout",
-                c.tcp_established_timeout.as_ref(),
-            ),
-            (
-                "conntrack.tcpCloseWaitTimeout",
-                c.tcp_close_wait_timeout.as_ref(),
-            ),
-            ("conntrack.udpTimeout", c.udp_timeout.as_ref()),
-            ("conntrack.udpStreamTimeout", c.udp_stream_timeout.as_ref()),
-        ]);
-        for (name, v) in [
-            ("conntrack.maxPerCore", c.max_per_core),
-            ("conntrack.min", c.min),
-        ] {
-            if let Some(v) = v
-                && v < 0
-            {
-                return Err(Src::Field(name, path)
-                    .invalid(v.to_string(), "must be greater than or equal to 0"));
-            }
-        }
-    }
     if let Some(i) = &cfg.ipvs {
         other_durations.extend([
             ("ipvs.syncPeriod", i.sync_period.as_ref()),
@@ -819,6 +922,7 @@ fn from_file<'a>(
             .v
             .or_else(|| cfg.logging.as_ref().and_then(|l| l.verbosity))
             .unwrap_or(0),
+        conntrack,
     })
 }
 
@@ -838,6 +942,28 @@ fn ignored_flags(cli: &Cli) -> Vec<String> {
             cli.iptables_min_sync_period.is_some(),
         ),
         ("kubeconfig", cli.kubeconfig.is_some()),
+        (
+            "conntrack-max-per-core",
+            cli.conntrack_max_per_core.is_some(),
+        ),
+        ("conntrack-min", cli.conntrack_min.is_some()),
+        (
+            "conntrack-tcp-timeout-established",
+            cli.conntrack_tcp_timeout_established.is_some(),
+        ),
+        (
+            "conntrack-tcp-timeout-close-wait",
+            cli.conntrack_tcp_timeout_close_wait.is_some(),
+        ),
+        (
+            "conntrack-tcp-be-liberal",
+            cli.conntrack_tcp_be_liberal.is_some(),
+        ),
+        ("conntrack-udp-timeout", cli.conntrack_udp_timeout.is_some()),
+        (
+            "conntrack-udp-timeout-stream",
+            cli.conntrack_udp_timeout_stream.is_some(),
+        ),
     ];
     given
         .iter()

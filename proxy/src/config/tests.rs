@@ -643,3 +643,172 @@ fn mem_total_parsing() {
     assert_eq!(mem_total_in("MemFree: 1 kB\n"), None);
     assert_eq!(mem_total_in("MemTotal: lots kB\n"), None);
 }
+
+/// kube-proxy's conntrack flags: names, defaults (v1alpha1 defaults.go) and an explicit 0
+/// meaning "leave the kernel's value".
+#[test]
+fn conntrack_flags_table() {
+    let h = Duration::from_secs(3600);
+    let d = ConntrackSettings {
+        max_per_core: 32768,
+        min: 131072,
+        tcp_established_timeout: 24 * h,
+        tcp_close_wait_timeout: h,
+        tcp_be_liberal: false,
+        udp_timeout: Duration::ZERO,
+        udp_stream_timeout: Duration::ZERO,
+    };
+    let cases: &[(&[&str], ConntrackSettings)] = &[
+        (&[], d),
+        (
+            &["--conntrack-max-per-core", "0", "--conntrack-min=7"],
+            ConntrackSettings {
+                max_per_core: 0,
+                min: 7,
+                ..d
+            },
+        ),
+        (
+            &[
+                "--conntrack-tcp-timeout-established=2h",
+                "--conntrack-tcp-timeout-close-wait",
+                "0s",
+            ],
+            ConntrackSettings {
+                tcp_established_timeout: 2 * h,
+                tcp_close_wait_timeout: Duration::ZERO,
+                ..d
+            },
+        ),
+        (
+            &["--conntrack-tcp-be-liberal"],
+            ConntrackSettings {
+                tcp_be_liberal: true,
+                ..d
+            },
+        ),
+        (&["--conntrack-tcp-be-liberal=false"], d),
+        (
+            &[
+                "--conntrack-udp-timeout=45s",
+                "--conntrack-udp-timeout-stream",
+                "3m",
+            ],
+            ConntrackSettings {
+                udp_timeout: Duration::from_secs(45),
+                udp_stream_timeout: Duration::from_secs(180),
+                ..d
+            },
+        ),
+    ];
+    for (args, want) in cases {
+        let s = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert_eq!(s.conntrack, *want, "{args:?}");
+    }
+}
+
+#[test]
+fn bad_conntrack_flags_name_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--conntrack-max-per-core", "-1"],
+            "--conntrack-max-per-core",
+        ),
+        (
+            &["--conntrack-max-per-core", "x"],
+            "--conntrack-max-per-core",
+        ),
+        (&["--conntrack-min", "-5"], "--conntrack-min"),
+        (&["--conntrack-min", "4294967296"], "--conntrack-min"),
+        (
+            &["--conntrack-tcp-timeout-established", "-1s"],
+            "--conntrack-tcp-timeout-established",
+        ),
+        (
+            &["--conntrack-tcp-timeout-close-wait", "10"],
+            "--conntrack-tcp-timeout-close-wait",
+        ),
+        (
+            &["--conntrack-udp-timeout", "soon"],
+            "--conntrack-udp-timeout",
+        ),
+        (
+            &["--conntrack-udp-timeout-stream", "-2m"],
+            "--conntrack-udp-timeout-stream",
+        ),
+        (
+            &["--conntrack-tcp-be-liberal=maybe"],
+            "--conntrack-tcp-be-liberal",
+        ),
+    ];
+    for (args, needle) in cases {
+        let err = parse(args)
+            .expect_err(&format!("{args:?} should fail"))
+            .to_string();
+        assert!(
+            err.contains(needle),
+            "{args:?}: {err:?} should contain {needle:?}"
+        );
+    }
+}
+
+/// The file's `conntrack:` section: unset fields take the defaults, explicit zeros stay,
+/// errors name the field, and the conntrack flags are ignored next to --config.
+#[test]
+fn conntrack_config_file_table() {
+    let header = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+    let d = ConntrackSettings::default();
+    let cases: &[(&str, ConntrackSettings)] = &[
+        ("", d),
+        ("conntrack: {}\n", d),
+        (
+            "conntrack:\n  maxPerCore: 0\n  tcpEstablishedTimeout: 0s\n  tcpCloseWaitTimeout: 0s\n",
+            ConntrackSettings {
+                max_per_core: 0,
+                tcp_established_timeout: Duration::ZERO,
+                tcp_close_wait_timeout: Duration::ZERO,
+                ..d
+            },
+        ),
+        (
+            "conntrack:\n  min: 10\n  tcpBeLiberal: true\n  udpTimeout: 1m\n  udpStreamTimeout: 2m30s\n",
+            ConntrackSettings {
+                min: 10,
+                tcp_be_liberal: true,
+                udp_timeout: Duration::from_secs(60),
+                udp_stream_timeout: Duration::from_secs(150),
+                ..d
+            },
+        ),
+    ];
+    for (body, want) in cases {
+        let f = config_file(&format!("{header}{body}"));
+        let s = parse(&["--config", f.path().to_str().unwrap(), "--conntrack-min=1"])
+            .unwrap_or_else(|e| panic!("{body:?}: {e}"));
+        assert_eq!(s.conntrack, *want, "{body:?}");
+        assert!(
+            s.warnings.iter().any(|w| w.contains("--conntrack-min")),
+            "{:?}",
+            s.warnings
+        );
+    }
+    for (body, needle) in [
+        ("conntrack:\n  maxPerCore: -1\n", "conntrack.maxPerCore"),
+        ("conntrack:\n  min: -1\n", "conntrack.min"),
+        (
+            "conntrack:\n  tcpEstablishedTimeout: -1h\n",
+            "conntrack.tcpEstablishedTimeout",
+        ),
+        ("conntrack:\n  udpTimeout: 5\n", "conntrack.udpTimeout"),
+        (
+            "conntrack:\n  udpStreamTimeout: x\n",
+            "conntrack.udpStreamTimeout",
+        ),
+    ] {
+        let f = config_file(&format!("{header}{body}"));
+        let err = parse(&["--config", f.path().to_str().unwrap()])
+            .expect_err(&format!("{body:?} should fail"))
+            .to_string();
+        assert!(err.contains(needle), "{body:?}: {err:?}");
+    }
+}

@@ -569,6 +569,9 @@ struct Loaded {
 pub struct EbpfDataplane {
     opts: EbpfOptions,
     loaded: Option<Loaded>,
+    /// The programs' conntrack timeouts (`with_conntrack`), and their sweep.
+    ct_timeouts: shunt_abi::CtTimeouts,
+    ct_sweeper: ct_sweep::Sweeper,
 }
 
 impl EbpfDataplane {
@@ -576,7 +579,18 @@ impl EbpfDataplane {
         if opts.pin_dir.as_os_str().is_empty() {
             return Err(other("pin_dir", "empty path"));
         }
-        Ok(EbpfDataplane { opts, loaded: None })
+        Ok(EbpfDataplane {
+            opts,
+            loaded: None,
+            ct_timeouts: shunt_abi::CtTimeouts::default(),
+            ct_sweeper: ct_sweep::Sweeper::default(),
+        })
+    }
+
+    /// Use kube-proxy's conntrack settings for the programs' conntrack timeouts.
+    pub fn with_conntrack(mut self, s: &crate::config::ConntrackSettings) -> Self {
+        self.ct_timeouts = ct_sweep::timeouts(s);
+        self
     }
 
     fn start(&mut self) -> Result<Loaded, DataplaneError> {
@@ -615,6 +629,7 @@ impl EbpfDataplane {
             .map_err(|e| other(names::HOST_NETNS, e))?
             .set(shunt_abi::host_ns::COOKIE, cookie, 0)
             .map_err(|e| other(names::HOST_NETNS, e))?;
+        ct_sweep::write_timeouts(&mut ebpf, self.ct_timeouts)?;
         let (tc, watcher) = self.tc_links(&mut ebpf)?;
         let mut loaded = Loaded {
             ebpf,
@@ -861,6 +876,17 @@ impl Dataplane for EbpfDataplane {
             return Err(other("ebpf", "not loaded"));
         };
         let res = self.sync_loaded(&mut l, request.snapshots, &local, &mut outcome);
+        if res.is_ok() {
+            match self
+                .ct_sweeper
+                .maybe_sweep::<V4, V6>(&mut l.ebpf, &self.ct_timeouts)
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(deleted = n, "swept expired conntrack entries"),
+                // The sweep only reclaims memory early; a failure does not fail the sync.
+                Err(e) => tracing::warn!("conntrack sweep: {e}"),
+            }
+        }
         self.loaded = Some(l);
         res.map(|()| outcome)
     }
@@ -913,6 +939,7 @@ impl Dataplane for EbpfDataplane {
     }
 }
 
+pub mod ct_sweep;
 mod links;
 #[cfg(test)]
 mod netns_tests;

@@ -3,6 +3,7 @@
 //! A backend never decides Kubernetes semantics; it asks `plan` what to do and does it.
 mod command;
 pub mod conntrack;
+pub mod conntrack_sysctl;
 pub mod ebpf;
 pub mod iptables;
 pub mod kube_proxy_cleanup;

@@ -407,6 +407,25 @@ pub struct CtEntry {
     pub snat: Option<std::net::SocketAddr>,
     pub rev_nat_id: u16,
     pub backend_id: u32,
+    /// Connection state (`shunt_abi::ct_state::name`): SYN_SENT, ESTABLISHED, CLOSE_WAIT,
+    /// TIME_WAIT, CLOSE (TCP), UNREPLIED, REPLIED (UDP), UNTRACKED (written by a program
+    /// without state tracking).
+    pub state: String,
+    /// Whole seconds until the entry expires if no packet comes; 0: expired (the programs
+    /// treat it as absent; the agent's sweep deletes it).
+    pub expires_in_secs: u64,
+}
+
+/// The programs' conntrack timeouts (`SHUNT_CTTMO`); the kernel defaults when not pinned
+/// (maps pinned by a version without it).
+fn read_ct_timeouts(dir: &Path) -> Result<shunt_abi::CtTimeouts, InspectError> {
+    let name = shunt_abi::names::CT_TIMEOUTS;
+    if !dir.join(name).exists() {
+        return Ok(shunt_abi::CtTimeouts::default());
+    }
+    let a: aya::maps::Array<MapData, shunt_abi::CtTimeouts> =
+        aya::maps::Array::try_from(pinned(dir, name)?).map_err(map_err(name))?;
+    a.get(&0, 0).map_err(map_err(name))
 }
 
 /// Family `F`'s conntrack entries (`F::MAPS.ct`).
@@ -417,6 +436,8 @@ fn read_ebpf_conntrack_of<F: Fam>(dir: &Path, out: &mut Vec<CtEntry>) -> Result<
     let sa = |a: F::Wire, p: u16| SocketAddr::new(F::from_wire(a).into(), u16::from_be(p));
     let ct: HashMap<MapData, CtKey<F::Wire>, CtValue<F::Wire>> =
         HashMap::try_from(pinned(dir, name)?).map_err(map_err(name))?;
+    let timeouts = read_ct_timeouts(dir)?;
+    let now = crate::dataplane::ebpf::ct_sweep::now_ns();
     for kv in ct.iter() {
         let (k, v) = kv.map_err(map_err(name))?;
         out.push(CtEntry {
@@ -437,6 +458,10 @@ fn read_ebpf_conntrack_of<F: Fam>(dir: &Path, out: &mut Vec<CtEntry>) -> Result<
             snat: (v.snat_addr != F::Wire::default()).then(|| sa(v.snat_addr, v.snat_port)),
             rev_nat_id: v.rev_nat_id,
             backend_id: v.backend_id,
+            state: shunt_abi::ct_state::name(v.pad2).into(),
+            expires_in_secs: timeouts
+                .left_ns(k.proto, v.pad2, v.last_seen_ns, now)
+                .map_or(0, |ns| ns / 1_000_000_000),
         });
     }
     Ok(())

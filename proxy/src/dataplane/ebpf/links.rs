@@ -258,8 +258,7 @@ impl Watcher {
         let _ = setsockopt(&sock, sockopt::RcvBuf, &RCVBUF);
         bind(sock.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))
             .map_err(|e| io("binding to RTMGRP_LINK", e.into()))?;
-        let (stop_rx, stop_tx) =
-            nix::unistd::pipe().map_err(|e| io("creating the stop pipe", e.into()))?;
+        let (stop_rx, stop_tx) = stop_pipe()?;
         let thread = std::thread::Builder::new()
             .name("shunt-links".into())
             .spawn(move || run(sock, stop_rx, &links, &sel))
@@ -269,6 +268,15 @@ impl Watcher {
             thread: Some(thread),
         })
     }
+}
+
+/// The pipe whose write end the Watcher drops to stop its thread. Close-on-exec: a child
+/// spawned meanwhile (ip, iptables, a test's client) must not inherit the write end, or
+/// dropping the Watcher would not close the pipe, and the thread would see the stop only
+/// once that child exits (a map growth once waited 60 s on a test's client that way).
+fn stop_pipe() -> Result<(OwnedFd, OwnedFd), DataplaneError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| io("creating the stop pipe", e.into()))
 }
 
 impl Drop for Watcher {
@@ -379,6 +387,16 @@ mod tests {
         m.extend_from_slice(&[0u8; 10]);
         m.extend_from_slice(&body);
         m
+    }
+
+    #[test]
+    fn stop_pipe_is_not_inherited_by_children() {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        let (rx, tx) = stop_pipe().unwrap();
+        for fd in [&rx, &tx] {
+            let flags = FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD).unwrap());
+            assert!(flags.contains(FdFlag::FD_CLOEXEC));
+        }
     }
 
     #[test]

@@ -1476,3 +1476,183 @@ fn icmp_error_quoting_sctp_gets_its_ports_back() {
     assert_eq!(&out[66..], &dnatted[38..114]);
     assert_checksums(&out);
 }
+
+// Conntrack state and timeouts (ebpf/src/ct.rs, shunt_abi::ct_state).
+
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+fn ct4(ebpf: &Ebpf) -> Vec<(Ct4Key, Ct4Value)> {
+    let ct: HashMap<_, Ct4Key, Ct4Value> =
+        HashMap::try_from(ebpf.map(names::CT4).unwrap()).unwrap();
+    ct.iter().map(Result::unwrap).collect()
+}
+
+/// Both entries of the one flow in the map carry `state` (and the same FIN bits).
+fn assert_state(ebpf: &Ebpf, state: u8, what: &str) {
+    let e = ct4(ebpf);
+    assert_eq!(e.len(), 2, "{what}: {e:?}");
+    for (_, v) in &e {
+        assert_eq!(
+            ct_state::name(v.pad2),
+            ct_state::name(u32::from(state)),
+            "{what}: {v:?}"
+        );
+    }
+    assert_eq!(e[0].1.pad2, e[1].1.pad2, "{what}: both entries agree");
+}
+
+/// Make every entry look idle for `secs` (written back from userspace).
+fn age(ebpf: &mut Ebpf, secs: u64) {
+    let entries = ct4(ebpf);
+    let mut ct: HashMap<_, Ct4Key, Ct4Value> =
+        HashMap::try_from(ebpf.map_mut(names::CT4).unwrap()).unwrap();
+    let then = ct_sweep::now_ns() - secs * 1_000_000_000;
+    for (k, mut v) in entries {
+        v.last_seen_ns = then;
+        ct.insert(k, v, 0).unwrap();
+    }
+}
+
+use shunt_abi::{CtTimeouts, ct_state};
+
+#[test]
+fn tcp_state_syn_synack_established_fin_rst() {
+    if !root() {
+        return;
+    }
+    let pod = [10, 1, 0, 1];
+    let mut ebpf = setup(&one_backend());
+    run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
+    assert_state(&ebpf, ct_state::TCP_SYN_SENT, "after SYN");
+    // The client's retransmitted SYN does not establish.
+    run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
+    assert_state(&ebpf, ct_state::TCP_SYN_SENT, "after a second SYN");
+    let (_, out) = run(&mut ebpf, &packet(TCP, pod, 8080, CLIENT, 40000, SYN | ACK));
+    assert_eq!(saddr(&out), VIP);
+    assert_state(&ebpf, ct_state::TCP_ESTABLISHED, "after SYN-ACK");
+    run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, ACK));
+    assert_state(&ebpf, ct_state::TCP_ESTABLISHED, "after ACK");
+    run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, FIN | ACK));
+    assert_state(&ebpf, ct_state::TCP_CLOSE_WAIT, "after the client's FIN");
+    // Half closed: the backend's data still flows back, reverse-NATed.
+    let (_, out) = run(&mut ebpf, &packet(TCP, pod, 8080, CLIENT, 40000, ACK));
+    assert_eq!(saddr(&out), VIP);
+    run(&mut ebpf, &packet(TCP, pod, 8080, CLIENT, 40000, FIN | ACK));
+    assert_state(&ebpf, ct_state::TCP_TIME_WAIT, "after both FINs");
+    let (_, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, ACK));
+    assert_eq!(daddr(&out), pod, "the last ACK is still translated");
+
+    // A new SYN on the finished tuple opens a new connection.
+    let (_, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
+    assert_eq!(daddr(&out), pod);
+    assert_state(&ebpf, ct_state::TCP_SYN_SENT, "reopened");
+    run(&mut ebpf, &packet(TCP, pod, 8080, CLIENT, 40000, SYN | ACK));
+    let (_, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, RST));
+    assert_eq!(daddr(&out), pod, "the RST itself reaches the backend");
+    assert_state(&ebpf, ct_state::TCP_CLOSE, "after RST");
+    let t = CtTimeouts::default();
+    let (_, v) = ct4(&ebpf)[0];
+    assert_eq!(t.secs(TCP, v.pad2), 10, "closed: 10 s");
+}
+
+#[test]
+fn expired_tcp_entry_is_not_used_and_a_new_syn_picks_again() {
+    if !root() {
+        return;
+    }
+    let pod = [10, 1, 0, 1];
+    let mut ebpf = setup(&one_backend());
+    ct_sweep::write_timeouts(
+        &mut ebpf,
+        CtTimeouts {
+            tcp_established: 5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
+    run(&mut ebpf, &packet(TCP, pod, 8080, CLIENT, 40000, SYN | ACK));
+    assert_state(&ebpf, ct_state::TCP_ESTABLISHED, "established");
+    // Idle for 4 s of 5: still live.
+    age(&mut ebpf, 4);
+    let (_, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, ACK));
+    assert_eq!(daddr(&out), pod);
+    // The partner entry was refreshed with it (the flow's last packet counts for both).
+    let now = ct_sweep::now_ns();
+    for (_, v) in ct4(&ebpf) {
+        assert!(now - v.last_seen_ns < 2_000_000_000, "{v:?}");
+    }
+    // Idle for 6 s of 5: gone. A stale non-SYN packet is not translated and the entry
+    // it met is deleted.
+    age(&mut ebpf, 6);
+    let ack = packet(TCP, CLIENT, 40000, VIP, 80, ACK);
+    assert_eq!(run(&mut ebpf, &ack), (TCX_NEXT, ack.clone()));
+    assert_eq!(ct4(&ebpf).len(), 1, "the FORWARD entry was deleted");
+    // The sweep removes the other one.
+    assert_eq!(
+        ct_sweep::sweep_family::<V4>(
+            &mut ebpf,
+            &CtTimeouts {
+                tcp_established: 5,
+                ..Default::default()
+            },
+            ct_sweep::now_ns()
+        )
+        .unwrap(),
+        1
+    );
+    assert!(ct4(&ebpf).is_empty());
+    // A new SYN chooses a backend again and tracks anew.
+    let (rc, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
+    assert_eq!((rc, daddr(&out), dport(&out)), (TCX_NEXT, pod, 8080));
+    assert_state(&ebpf, ct_state::TCP_SYN_SENT, "new flow");
+    // An expired SYN_SENT entry (120 s) met by a retransmitted SYN: a new flow too.
+    age(&mut ebpf, 121);
+    let (rc, out) = run(&mut ebpf, &packet(TCP, CLIENT, 40000, VIP, 80, SYN));
+    assert_eq!((rc, daddr(&out)), (TCX_NEXT, pod));
+    assert_state(&ebpf, ct_state::TCP_SYN_SENT, "new flow again");
+}
+
+#[test]
+fn udp_timeouts_unreplied_and_stream() {
+    if !root() {
+        return;
+    }
+    let pod = [10, 1, 0, 1];
+    let mut u = svc("u", "172.30.0.10", vec![ep("10.1.0.1", false)]);
+    u.port.name.protocol = crate::model::Protocol::Udp;
+    let mut ebpf = setup(&snap(vec![u]));
+    let t = CtTimeouts {
+        udp: 5,
+        udp_stream: 20,
+        ..Default::default()
+    };
+    ct_sweep::write_timeouts(&mut ebpf, t).unwrap();
+    run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
+    assert_state(&ebpf, ct_state::UDP_UNREPLIED, "first datagram");
+    // Unreplied for 6 s of 5: the next datagram is a new flow (translated, tracked anew).
+    age(&mut ebpf, 6);
+    let (rc, out) = run(&mut ebpf, &packet(UDP, CLIENT, 5353, VIP, 80, 0));
+    assert_eq!((rc, daddr(&out)), (TCX_NEXT, pod));
+    let now = ct_sweep::now_ns();
+    assert!(
+        ct4(&ebpf)
+            .iter()
+            .all(|(_, v)| now - v.last_seen_ns < 2_000_000_000)
+    );
+    // A reply makes it a stream: 20 s.
+    let (_, out) = run(&mut ebpf, &packet(UDP, pod, 8080, CLIENT, 5353, 0));
+    assert_eq!(saddr(&out), VIP);
+    assert_state(&ebpf, ct_state::UDP_REPLIED, "replied");
+    age(&mut ebpf, 6);
+    let (_, out) = run(&mut ebpf, &packet(UDP, pod, 8080, CLIENT, 5353, 0));
+    assert_eq!(saddr(&out), VIP, "a stream lives 20 s");
+    age(&mut ebpf, 21);
+    let reply = packet(UDP, pod, 8080, CLIENT, 5353, 0);
+    assert_eq!(
+        run(&mut ebpf, &reply),
+        (TCX_NEXT, reply.clone()),
+        "expired: the reply is no longer reverse-NATed"
+    );
+}

@@ -4,10 +4,12 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::lab::agent::Answer;
 use crate::lab::netns;
@@ -25,11 +27,36 @@ pub enum Seen {
 
 /// Connect + HTTP/1.0 request + full response + close, from the calling thread's namespace.
 pub fn request(dst: SocketAddr, connect_timeout: Duration) -> Seen {
-    let mut c = match TcpStream::connect_timeout(&dst, connect_timeout) {
-        Ok(c) => c,
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => return Seen::Refused,
-        Err(e) => return Seen::Other(e.to_string()),
+    match TcpStream::connect_timeout(&dst, connect_timeout) {
+        Ok(c) => exchange(c),
+        Err(e) => connect_failed(e),
+    }
+}
+
+/// [`request`] from a source port the kernel picks inside `ports` (see [`PortRanges`]).
+pub fn request_from(dst: SocketAddr, connect_timeout: Duration, ports: (u16, u16)) -> Seen {
+    let sock = match Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP)) {
+        Ok(s) => s,
+        Err(e) => return Seen::Other(format!("socket: {e}")),
     };
+    if let Err(e) = set_local_port_range(&sock, ports) {
+        return Seen::Other(format!("IP_LOCAL_PORT_RANGE: {e}"));
+    }
+    match sock.connect_timeout(&dst.into(), connect_timeout) {
+        Ok(()) => exchange(sock.into()),
+        Err(e) => connect_failed(e),
+    }
+}
+
+fn connect_failed(e: std::io::Error) -> Seen {
+    if e.kind() == ErrorKind::ConnectionRefused {
+        Seen::Refused
+    } else {
+        Seen::Other(e.to_string())
+    }
+}
+
+fn exchange(mut c: TcpStream) -> Seen {
     let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
     let _ = c.set_nodelay(true);
@@ -46,6 +73,76 @@ pub fn request(dst: SocketAddr, connect_timeout: Duration) -> Seen {
             "not a lab answer: {:?}",
             String::from_utf8_lossy(&buf)
         )),
+    }
+}
+
+/// `IP_LOCAL_PORT_RANGE` (include/uapi/linux/in.h, Linux 6.3): a per-socket ephemeral port
+/// range, low port in the low 16 bits, high port in the high 16 bits; the kernel intersects
+/// it with the namespace's `net.ipv4.ip_local_port_range` (inet_sk_get_local_port_range).
+const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
+
+fn set_local_port_range(sock: &Socket, (lo, hi): (u16, u16)) -> std::io::Result<()> {
+    let v: u32 = u32::from(lo) | (u32::from(hi) << 16);
+    // SAFETY: a valid socket descriptor and a 4-byte option value that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            IP_LOCAL_PORT_RANGE,
+            (&v as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Disjoint source-port ranges for the VIP probes and the direct probes of one client.
+///
+/// Why: the backend sees both kinds of connection as the same 4-tuple (client:port ->
+/// pod:8080), but the client kernel picks ephemeral ports, initial sequence numbers and
+/// timestamp offsets per *destination* (secure_tcp_seq / secure_tcp_ts_off hash the VIP or
+/// the pod address), so interleaved VIP and direct connections reuse each other's ports in
+/// a different sequence space. The backend closes first and holds TIME_WAIT (60 s); a SYN
+/// that hits it with an older sequence/timestamp is answered with an ACK
+/// (tcp_timewait_state_process), the client resets and re-sends the SYN after
+/// TCP_TIMEOUT_MIN (tcp_rcv_synsent_state_process): 8-16 ms per collision. netfilter hides
+/// most of it (NAT gives a new connection whose reply tuple is taken another source port,
+/// nf_nat_used_tuple / get_unique_tuple, even without a rule); a conntrack-free datapath
+/// (shunt's ebpf mode, pure DNAT) does not, so the collisions of the bench's own two probes
+/// cut its rate 3-8x. A workload reaching a backend only through its Service never sees
+/// this, so the probes get disjoint ranges: every mode, same setsockopt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRanges {
+    pub vip: (u16, u16),
+    pub direct: (u16, u16),
+}
+
+impl PortRanges {
+    /// The namespace's ephemeral range (`ip_local_port_range`, per network namespace) split
+    /// in two halves; call from inside the client namespace. None when the kernel has no
+    /// per-socket range (before 6.3) or the range cannot be read.
+    pub fn for_this_netns() -> Option<PortRanges> {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let r = PortRanges::split(&text)?;
+        let probe = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).ok()?;
+        set_local_port_range(&probe, r.vip).ok()?;
+        Some(r)
+    }
+
+    fn split(range: &str) -> Option<PortRanges> {
+        let mut it = range.split_whitespace().map(|v| v.parse::<u16>().ok());
+        let (lo, hi) = (it.next()??, it.next()??);
+        if hi <= lo {
+            return None;
+        }
+        let mid = lo + (hi - lo) / 2;
+        Some(PortRanges {
+            vip: (lo, mid),
+            direct: (mid + 1, hi),
+        })
     }
 }
 
@@ -273,6 +370,19 @@ mod tests {
         assert_eq!(percentile(&[], 50.0), None);
         let h: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         assert_eq!(percentile(&h, 99.0), Some(Duration::from_millis(99)));
+    }
+
+    #[test]
+    fn port_ranges_split() {
+        assert_eq!(
+            PortRanges::split("32768\t60999\n"),
+            Some(PortRanges {
+                vip: (32768, 46883),
+                direct: (46884, 60999)
+            })
+        );
+        assert_eq!(PortRanges::split("1024 1024"), None);
+        assert_eq!(PortRanges::split("garbage"), None);
     }
 
     #[test]

@@ -557,14 +557,23 @@ fn data(client: &str, set: &Settings) -> Result<Data> {
     let mut d = Data::default();
     let n = set.latency_samples;
     let window = set.rate_window;
-    let (lat, rates) = netns::in_netns(client, || {
+    let (lat, rates, shared_ports) = netns::in_netns(client, || {
         let mut v = Vec::with_capacity(n);
         let mut dr = Vec::with_capacity(n);
         let mut failed = (0, 0);
+        // VIP and direct probes from disjoint source-port halves, in every mode: otherwise
+        // they collide in the backend's TIME_WAIT sockets (see measure::PortRanges).
+        let ranges = measure::PortRanges::for_this_netns();
         let one = |dst: SocketAddr| {
             let t = Instant::now();
-            let ok = measure::request(dst, Duration::from_secs(1)) == want;
-            (ok, t.elapsed())
+            let timeout = Duration::from_secs(1);
+            let seen = match ranges {
+                Some(r) => {
+                    measure::request_from(dst, timeout, if dst == vip { r.vip } else { r.direct })
+                }
+                None => measure::request(dst, timeout),
+            };
+            (seen == want, t.elapsed())
         };
         // Warm-up: ARP/neighbour entries, the server thread, first conntrack entries.
         for _ in 0..5 {
@@ -602,8 +611,15 @@ fn data(client: &str, set: &Settings) -> Result<Data> {
             ok[0] as f64 / spent[0].as_secs_f64(),
             ok[1] as f64 / spent[1].as_secs_f64(),
         );
-        Ok(((v, dr, failed), rates))
+        Ok(((v, dr, failed), rates, ranges.is_none()))
     })?;
+    if shared_ports {
+        d.notes.push(
+            "no per-socket port range (IP_LOCAL_PORT_RANGE, Linux 6.3): VIP and direct probes \
+             share the client's ports and may collide in the backend's TIME_WAIT sockets"
+                .into(),
+        );
+    }
     (d.vip, d.direct, d.failed) = lat;
     (d.vip_rate, d.direct_rate) = (Some(rates.0), Some(rates.1));
     let iperf_vip = SocketAddr::new(vip.ip(), cluster::IPERF_PORT);

@@ -326,7 +326,7 @@ pub fn write(
     // Figure 2.
     let _ = writeln!(
         md,
-        "\n## 2. Data plane\n\nFrom the client pod to the probed Service (`{}/web`, the last Service in iptables' dispatch order) through its ClusterIP, and straight to its pod: connect + HTTP/1.0 request + response + close, VIP and direct interleaved. Rate: sequential short connections per second. Throughput: iperf3 TCP, one stream.\n",
+        "\n## 2. Data plane\n\nFrom the client pod to the probed Service (`{}/web`, the last Service in iptables' dispatch order) through its ClusterIP, and straight to its pod: connect + HTTP/1.0 request + response + close, VIP and direct interleaved, each from its own half of the client's ephemeral port range (so the two never collide in the backend's TIME_WAIT sockets). Rate: sequential short connections per second. Throughput: iperf3 TCP, one stream.\n",
         super::cluster::PROBE_NS
     );
     let _ = writeln!(

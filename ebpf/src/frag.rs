@@ -24,8 +24,8 @@ use aya_ebpf::{helpers::bpf_csum_diff, macros::map, maps::LruHashMap, programs::
 use shunt_abi::{FragKey, FragPorts, limits};
 
 use super::{
-    Fam, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, IP6_DADDR_OFF, IP6_SADDR_OFF, IPPROTO_TCP,
-    IPPROTO_UDP, Pkt,
+    Fam, IP_CSUM_OFF, IP_DADDR_OFF, IP_OFF, IP_SADDR_OFF, IP6_DADDR_OFF, IP6_HLEN, IP6_SADDR_OFF,
+    IPPROTO_TCP, IPPROTO_UDP, Pkt, ipv6_ext,
 };
 
 /// `Pkt::frag`: not a fragment (or an atomic one: offset 0, no more fragments).
@@ -49,22 +49,58 @@ pub fn handled(proto: u8) -> bool {
 }
 
 #[inline(always)]
-fn key<A: Copy>(p: &Pkt<A>) -> FragKey<A> {
+fn key<A: Copy>(p: &Pkt<A>, id: u32) -> FragKey<A> {
     FragKey {
         saddr: p.saddr,
         daddr: p.daddr,
-        id: p.frag_id,
+        id,
         proto: p.proto,
         pad: [0; 3],
     }
 }
 
-/// A later fragment: fill in its datagram's ports from the first fragment's entry; false
+/// The packet's fragment kind and identification (wire order), read again here rather
+/// than carried from parsing, so `try_ingress`'s inlined parse keeps no more live values
+/// (its frame, see ebpf/README.md "Stack"). IPv4: the header's identification and
+/// fragment field; IPv6: the fragment header, if the walk finds one.
+#[inline(always)]
+fn ident<F: Fam>(ctx: &TcContext) -> Option<(u8, u32)> {
+    if core::mem::size_of::<F::A>() == 4 {
+        let id: u16 = ctx.load(IP_OFF + 4).ok()?;
+        let fo = u16::from_be(ctx.load::<u16>(IP_OFF + 6).ok()?);
+        let kind = if fo & 0x1fff != 0 {
+            LATER
+        } else if fo & 0x2000 != 0 {
+            FIRST
+        } else {
+            NONE
+        };
+        return Some((kind, u32::from(id)));
+    }
+    ipv6_ext::frag_header(ctx, ctx.load(IP_OFF + 6).ok()?, IP_OFF + IP6_HLEN)
+}
+
+/// A later fragment: fill in its addresses, and its datagram's ports from the first
+/// fragment's entry; false
 /// when there is none (the packet then passes untranslated). Not inlined: its key lives in
 /// the scratch map (`k`), its frame off `try_ingress`'s.
 #[inline(never)]
-pub fn ports<F: Fam>(p: &mut Pkt<F::A>, k: &mut FragKey<F::A>) -> bool {
-    *k = key(p);
+pub fn ports<F: Fam>(ctx: &TcContext, p: &mut Pkt<F::A>, k: &mut FragKey<F::A>) -> bool {
+    let Some((LATER, id)) = ident::<F>(ctx) else {
+        return false;
+    };
+    // IPv6's parse leaves a later fragment's addresses to this frame (see there).
+    let v4 = core::mem::size_of::<F::A>() == 4;
+    let (Ok(sa), Ok(da)) = (
+        ctx.load::<F::A>(if v4 { IP_SADDR_OFF } else { IP6_SADDR_OFF }),
+        ctx.load::<F::A>(if v4 { IP_DADDR_OFF } else { IP6_DADDR_OFF }),
+    ) else {
+        return false;
+    };
+    p.saddr = sa;
+    p.daddr = da;
+    p.frag_id = id;
+    *k = key(p, id);
     match F::frag().get_ptr(k) {
         Some(v) => {
             // SAFETY: map value pointer valid for this program run.
@@ -78,9 +114,14 @@ pub fn ports<F: Fam>(p: &mut Pkt<F::A>, k: &mut FragKey<F::A>) -> bool {
 }
 
 /// A translated first fragment: keep its ports (as it arrived) for the later fragments.
+/// For IPv6, `p.frag` == FIRST only says extension headers were present: a packet without
+/// a fragment header (or an atomic fragment) is not recorded.
 #[inline(never)]
-pub fn record<F: Fam>(p: &Pkt<F::A>, k: &mut FragKey<F::A>) {
-    *k = key(p);
+pub fn record<F: Fam>(ctx: &TcContext, p: &Pkt<F::A>, k: &mut FragKey<F::A>) {
+    let Some((FIRST, id)) = ident::<F>(ctx) else {
+        return;
+    };
+    *k = key(p, id);
     let v = FragPorts {
         sport: p.sport,
         dport: p.dport,

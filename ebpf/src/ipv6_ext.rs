@@ -28,28 +28,19 @@ const MAX_EXT: usize = 4;
 /// with segments left, more than [`MAX_EXT`] extension headers, or a cut packet.
 #[inline(always)]
 pub fn skip(ctx: &TcContext, nh: u8, off: usize) -> Option<(u8, usize)> {
-    let mut kind = frag::NONE;
-    let mut id = 0;
-    let r = walk(ctx, nh, off, &mut kind, &mut id)?;
-    if kind == frag::LATER {
+    let (nh, off, later) = walk(ctx, nh, off)?;
+    if later {
         return None;
     }
-    Some(r)
+    Some((nh, off))
 }
 
 /// [`skip`], except that a later fragment (fragment offset > 0) ends the walk after its
-/// fragment header: the protocol named there and the offset of the fragment's data, with
-/// `kind` = `frag::LATER`. A first fragment (offset 0, M set) gives `frag::FIRST`; both
-/// set `id` to the fragment header's identification (wire order). `kind` is left alone
-/// for an unfragmented packet.
+/// fragment header: the protocol named there, the offset of the fragment's data, and
+/// true. The caller reads the fragment header (8 bytes before a fragment's data: the
+/// fragment header is the last header walked; see [`frag_header`]).
 #[inline(always)]
-pub fn walk(
-    ctx: &TcContext,
-    mut nh: u8,
-    mut off: usize,
-    kind: &mut u8,
-    id: &mut u32,
-) -> Option<(u8, usize)> {
+pub fn walk(ctx: &TcContext, mut nh: u8, mut off: usize) -> Option<(u8, usize, bool)> {
     let mut i = 0;
     while i < MAX_EXT {
         match nh {
@@ -64,29 +55,55 @@ pub fn walk(
                 off += (usize::from(h[1]) + 1) * 8;
             }
             FRAGMENT => {
-                // Next header, reserved, offset (13 bits) + 2 reserved bits + M,
-                // identification (32 bits); 8 bytes in all (RFC 8200 4.5).
+                // Next header, reserved, offset (13 bits) + 2 reserved bits + M; 8 bytes.
                 let h: [u8; 4] = ctx.load(off).ok()?;
-                let fo = u16::from_be_bytes([h[2], h[3]]);
                 nh = h[0];
-                if fo & 0xfff9 != 0 {
-                    *id = ctx.load(off + 4).ok()?;
-                }
                 off += 8;
-                if fo & 0xfff8 != 0 {
-                    *kind = frag::LATER;
-                    return Some((nh, off));
-                }
-                if fo & 1 != 0 {
-                    *kind = frag::FIRST;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return Some((nh, off, true));
                 }
             }
-            _ => return Some((nh, off)),
+            _ => return Some((nh, off, false)),
         }
         i += 1;
     }
     match nh {
         HOPOPTS | DSTOPTS | ROUTING | FRAGMENT => None,
-        _ => Some((nh, off)),
+        _ => Some((nh, off, false)),
     }
+}
+
+/// The fragment kind (`frag::FIRST`/`LATER`, `NONE` when unfragmented or atomic) and the
+/// identification (wire order) of an IPv6 packet whose fixed header names `nh` first:
+/// a second, short walk, done only when the packet was translated or is a later fragment
+/// (frag.rs), so the common path does not carry these values.
+#[inline(always)]
+pub fn frag_header(ctx: &TcContext, mut nh: u8, mut off: usize) -> Option<(u8, u32)> {
+    let mut i = 0;
+    while i < MAX_EXT {
+        match nh {
+            HOPOPTS | DSTOPTS | ROUTING => {
+                let h: [u8; 2] = ctx.load(off).ok()?;
+                nh = h[0];
+                off += (usize::from(h[1]) + 1) * 8;
+            }
+            FRAGMENT => {
+                // RFC 8200 4.5: offset (13 bits) + 2 reserved + M, then the identification.
+                let h: [u8; 4] = ctx.load(off).ok()?;
+                let id: u32 = ctx.load(off + 4).ok()?;
+                let fo = u16::from_be_bytes([h[2], h[3]]);
+                let kind = if fo & 0xfff8 != 0 {
+                    frag::LATER
+                } else if fo & 1 != 0 {
+                    frag::FIRST
+                } else {
+                    frag::NONE
+                };
+                return Some((kind, id));
+            }
+            _ => return None,
+        }
+        i += 1;
+    }
+    None
 }

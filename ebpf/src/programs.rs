@@ -180,10 +180,11 @@ pub struct Pkt<A> {
     /// IPv4 options present (the reject builder handles only plain headers).
     ip_options: bool,
     /// `frag::NONE`, `FIRST` or `LATER` (frag.rs; a LATER packet's ports come from the
-    /// fragment map and it has no L4 header).
+    /// fragment map and it has no L4 header). IPv6 marks FIRST any packet with extension
+    /// headers that is not a later fragment; frag.rs reads its fragment header, if any.
     frag: u8,
     /// The datagram's identification (IPv4: 16 bits widened; IPv6: the fragment header's),
-    /// wire order; meaningful for fragments.
+    /// wire order; set by frag.rs.
     frag_id: u32,
 }
 
@@ -357,7 +358,6 @@ impl Fam for V4 {
             } else {
                 frag::FIRST
             };
-            out.frag_id = u32::from(ctx.load::<u16>(IP_OFF + 4).ok()?);
         }
         if out.frag == frag::LATER {
             out.saddr = ctx.load(IP_SADDR_OFF).ok()?;
@@ -547,26 +547,28 @@ impl Fam for V6 {
             return None;
         }
         let nh: u8 = ctx.load(IP_OFF + 6).ok()?;
-        let (proto, l4_off) =
-            ipv6_ext::walk(ctx, nh, IP_OFF + IP6_HLEN, &mut out.frag, &mut out.frag_id)?;
+        let (proto, l4_off, later) = ipv6_ext::walk(ctx, nh, IP_OFF + IP6_HLEN)?;
         if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
             return None;
         }
-        out.saddr = ctx.load(IP6_SADDR_OFF).ok()?;
-        out.daddr = ctx.load(IP6_DADDR_OFF).ok()?;
-        if out.frag == frag::LATER {
-            // No L4 header: ports from the fragment map (frag.rs).
+        if later {
+            // No L4 header: frag::ports fills in the addresses and the ports (from the
+            // fragment map) in a frame of its own, off this one.
             if !frag::handled(proto) {
                 return None;
             }
-            out.sport = 0;
-            out.dport = 0;
+            out.frag = frag::LATER;
             out.proto = proto;
             out.l4_off = l4_off;
             out.l4_len = 0;
             out.ip_options = false;
             return Some(());
         }
+        if l4_off != IP_OFF + IP6_HLEN {
+            out.frag = frag::FIRST;
+        }
+        out.saddr = ctx.load(IP6_SADDR_OFF).ok()?;
+        out.daddr = ctx.load(IP6_DADDR_OFF).ok()?;
         out.sport = ctx.load(l4_off).ok()?;
         out.dport = ctx.load(l4_off + 2).ok()?;
         out.proto = proto;
@@ -726,7 +728,7 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
         return Ok(deliver::<F>(ctx, &sc.p, &sc.act));
     }
     // A later fragment takes its datagram's ports from the first fragment's entry (frag.rs).
-    if sc.p.frag == frag::LATER && !frag::ports::<F>(&mut sc.p, &mut sc.frag_key) {
+    if sc.p.frag == frag::LATER && !frag::ports::<F>(ctx, &mut sc.p, &mut sc.frag_key) {
         return Ok(TCX_NEXT);
     }
     let p = &sc.p;
@@ -754,7 +756,7 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
         }
     }
     if p.frag == frag::FIRST {
-        frag::record::<F>(p, &mut sc.frag_key);
+        frag::record::<F>(ctx, p, &mut sc.frag_key);
     }
     if p.proto == IPPROTO_SCTP {
         sctp::fix_crc::<F>(ctx, p)?;

@@ -52,7 +52,11 @@ fn udp_datagrams_bigger_than_the_mtu_cross_a_clusterip_whole() {
     // Twice: a second datagram of the same flow takes the conntrack entries, with new
     // identifications.
     for i in 0..2 {
-        assert_eq!(big(&lab, "172.30.0.12", "80"), "3000 True 172.30.0.12", "datagram {i}");
+        assert_eq!(
+            big(&lab, "172.30.0.12", "80"),
+            "3000 True 172.30.0.12",
+            "datagram {i}"
+        );
     }
     // Both first fragments (request and answer) of each exchange were recorded.
     {

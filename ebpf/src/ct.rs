@@ -35,7 +35,8 @@ pub enum Seen {
 /// The TCP flags byte (header byte 13, RFC 9293 3.1); 0 for other protocols.
 #[inline(always)]
 pub fn tcp_flags<A>(ctx: &TcContext, p: &Pkt<A>) -> u8 {
-    if p.proto != IPPROTO_TCP {
+    // A later fragment (frag.rs) has no TCP header: no flags.
+    if p.proto != IPPROTO_TCP || p.frag == super::frag::LATER {
         return 0;
     }
     ctx.load::<u8>(p.l4_off + 13).unwrap_or(0)

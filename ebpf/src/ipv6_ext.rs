@@ -5,14 +5,16 @@
 //!
 //! - Fragments: the first fragment (offset 0) carries the upper-layer header and is
 //!   translated; its L4 checksum covers the whole datagram, and the incremental update is
-//!   right for it anyway (it only adds the difference). Later fragments carry no ports and
-//!   pass untranslated, as IPv4's do: the datagram is then lost, as without translation
-//!   (Cilium keeps the first fragment's ports in a map to translate the rest; not done).
+//!   right for it anyway (it only adds the difference). For the tc path ([`walk`]) a later
+//!   fragment ends the walk at its fragment header, its identification kept: frag.rs gives
+//!   it the first fragment's ports. For ICMP quotes ([`skip`]) it is not followed.
 //! - Routing header with segments left: the IPv6 destination is not the final one, and the
 //!   L4 pseudo-header uses the final destination (RFC 8200 8.1), so such a packet passes
 //!   untranslated (it is in transit, not addressed to a Service yet).
 //! - Anything else (AH, ESP, no next header, unknown) ends the walk: not translated.
 use aya_ebpf::programs::TcContext;
+
+use super::frag;
 
 const HOPOPTS: u8 = 0;
 const ROUTING: u8 = 43;
@@ -25,7 +27,20 @@ const MAX_EXT: usize = 4;
 /// upper-layer protocol and its offset; None for a non-first fragment, a routing header
 /// with segments left, more than [`MAX_EXT`] extension headers, or a cut packet.
 #[inline(always)]
-pub fn skip(ctx: &TcContext, mut nh: u8, mut off: usize) -> Option<(u8, usize)> {
+pub fn skip(ctx: &TcContext, nh: u8, off: usize) -> Option<(u8, usize)> {
+    let (nh, off, later) = walk(ctx, nh, off)?;
+    if later {
+        return None;
+    }
+    Some((nh, off))
+}
+
+/// [`skip`], except that a later fragment (fragment offset > 0) ends the walk after its
+/// fragment header: the protocol named there, the offset of the fragment's data, and
+/// true. The caller reads the fragment header (8 bytes before a fragment's data: the
+/// fragment header is the last header walked; see [`frag_header`]).
+#[inline(always)]
+pub fn walk(ctx: &TcContext, mut nh: u8, mut off: usize) -> Option<(u8, usize, bool)> {
     let mut i = 0;
     while i < MAX_EXT {
         match nh {
@@ -40,20 +55,55 @@ pub fn skip(ctx: &TcContext, mut nh: u8, mut off: usize) -> Option<(u8, usize)> 
                 off += (usize::from(h[1]) + 1) * 8;
             }
             FRAGMENT => {
-                // Next header, reserved, offset (13 bits) + flags; 8 bytes in all.
+                // Next header, reserved, offset (13 bits) + 2 reserved bits + M; 8 bytes.
                 let h: [u8; 4] = ctx.load(off).ok()?;
-                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
-                    return None;
-                }
                 nh = h[0];
                 off += 8;
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff8 != 0 {
+                    return Some((nh, off, true));
+                }
             }
-            _ => return Some((nh, off)),
+            _ => return Some((nh, off, false)),
         }
         i += 1;
     }
     match nh {
         HOPOPTS | DSTOPTS | ROUTING | FRAGMENT => None,
-        _ => Some((nh, off)),
+        _ => Some((nh, off, false)),
     }
+}
+
+/// The fragment kind (`frag::FIRST`/`LATER`, `NONE` when unfragmented or atomic) and the
+/// identification (wire order) of an IPv6 packet whose fixed header names `nh` first:
+/// a second, short walk, done only when the packet was translated or is a later fragment
+/// (frag.rs), so the common path does not carry these values.
+#[inline(always)]
+pub fn frag_header(ctx: &TcContext, mut nh: u8, mut off: usize) -> Option<(u8, u32)> {
+    let mut i = 0;
+    while i < MAX_EXT {
+        match nh {
+            HOPOPTS | DSTOPTS | ROUTING => {
+                let h: [u8; 2] = ctx.load(off).ok()?;
+                nh = h[0];
+                off += (usize::from(h[1]) + 1) * 8;
+            }
+            FRAGMENT => {
+                // RFC 8200 4.5: offset (13 bits) + 2 reserved + M, then the identification.
+                let h: [u8; 4] = ctx.load(off).ok()?;
+                let id: u32 = ctx.load(off + 4).ok()?;
+                let fo = u16::from_be_bytes([h[2], h[3]]);
+                let kind = if fo & 0xfff8 != 0 {
+                    frag::LATER
+                } else if fo & 1 != 0 {
+                    frag::FIRST
+                } else {
+                    frag::NONE
+                };
+                return Some((kind, id));
+            }
+            _ => return None,
+        }
+        i += 1;
+    }
+    None
 }

@@ -43,6 +43,8 @@ use aya_ebpf::{
     },
     programs::{SockAddrContext, TcContext},
 };
+#[path = "frag.rs"]
+mod frag;
 #[path = "icmp_err.rs"]
 mod icmp_err;
 #[path = "ipv6_ext.rs"]
@@ -51,9 +53,9 @@ mod ipv6_ext;
 mod sctp;
 
 use shunt_abi::{
-    AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, RevNat, SNAT_PORT_MAX,
-    SNAT_PORT_MIN, Service4Value, ServiceKey, SockFwd, SockRevNat4Key, SockRevNat6Key, SrcRange,
-    ct_dir, ct_flags, host_ns, limits, scope, stat, svc_flags,
+    AffinityKey, AffinityValue, Backend, Config, Counter, CtKey, CtValue, FragKey, FragPorts,
+    RevNat, SNAT_PORT_MAX, SNAT_PORT_MIN, Service4Value, ServiceKey, SockFwd, SockRevNat4Key,
+    SockRevNat6Key, SrcRange, ct_dir, ct_flags, host_ns, limits, scope, stat, svc_flags,
 };
 
 #[path = "ct.rs"]
@@ -177,6 +179,13 @@ pub struct Pkt<A> {
     l4_len: u32,
     /// IPv4 options present (the reject builder handles only plain headers).
     ip_options: bool,
+    /// `frag::NONE`, `FIRST` or `LATER` (frag.rs; a LATER packet's ports come from the
+    /// fragment map and it has no L4 header). IPv6 marks FIRST any packet with extension
+    /// headers that is not a later fragment; frag.rs reads its fragment header, if any.
+    frag: u8,
+    /// The datagram's identification (IPv4: 16 bits widened; IPv6: the fragment header's),
+    /// wire order; set by frag.rs.
+    frag_id: u32,
 }
 
 /// What differs between IPv4 and IPv6. Everything else is written once, generic over it.
@@ -198,6 +207,7 @@ trait Fam {
     fn cfg() -> &'static Array<Config<Self::A>>;
     fn skfwd() -> &'static LruHashMap<Self::SockKey, SockFwd<Self::A>>;
     fn skrn() -> &'static LruHashMap<Self::SockKey, RevNat<Self::A>>;
+    fn frag() -> &'static LruHashMap<FragKey<Self::A>, FragPorts>;
     fn sock_key(cookie: u64, addr: Self::A, port: u16) -> Self::SockKey;
 
     /// Parse the network header after an Ethernet header of this family's ethertype.
@@ -308,6 +318,9 @@ impl Fam for V4 {
     fn skrn() -> &'static LruHashMap<SockRevNat4Key, RevNat<u32>> {
         &SHUNT_SKRN4
     }
+    fn frag() -> &'static LruHashMap<FragKey<u32>, FragPorts> {
+        &frag::SHUNT_FRAG4
+    }
     #[inline(always)]
     fn sock_key(cookie: u64, addr: u32, port: u16) -> SockRevNat4Key {
         SockRevNat4Key {
@@ -320,6 +333,7 @@ impl Fam for V4 {
 
     #[inline(always)]
     fn parse(ctx: &TcContext, out: &mut Pkt<u32>) -> Option<()> {
+        out.frag = frag::NONE;
         let vihl: u8 = ctx.load(IP_OFF).ok()?;
         if vihl >> 4 != 4 {
             return None;
@@ -328,14 +342,33 @@ impl Fam for V4 {
         if ihl < 5 {
             return None;
         }
-        // Non-first fragments carry no L4 header; they pass untouched (see the crate docs).
-        let frag: u16 = ctx.load(IP_OFF + 6).ok()?;
-        if u16::from_be(frag) & 0x1fff != 0 {
-            return None;
-        }
         let proto: u8 = ctx.load(IP_OFF + 9).ok()?;
         if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
             return None;
+        }
+        // Flags (MF = 0x2000) and the 13-bit offset. Later fragments carry no L4 header:
+        // their ports come from the fragment map (frag.rs).
+        let fo = u16::from_be(ctx.load::<u16>(IP_OFF + 6).ok()?);
+        if fo & 0x3fff != 0 {
+            if fo & 0x1fff != 0 && !frag::handled(proto) {
+                return None;
+            }
+            out.frag = if fo & 0x1fff != 0 {
+                frag::LATER
+            } else {
+                frag::FIRST
+            };
+        }
+        if out.frag == frag::LATER {
+            out.saddr = ctx.load(IP_SADDR_OFF).ok()?;
+            out.daddr = ctx.load(IP_DADDR_OFF).ok()?;
+            out.sport = 0;
+            out.dport = 0;
+            out.proto = proto;
+            out.l4_off = IP_OFF + usize::from(ihl) * 4;
+            out.l4_len = 0;
+            out.ip_options = ihl != 5;
+            return Some(());
         }
         let hlen = u32::from(ihl) * 4;
         let tot_len = u32::from(u16::from_be(ctx.load::<u16>(IP_OFF + 2).ok()?));
@@ -491,6 +524,9 @@ impl Fam for V6 {
     fn skrn() -> &'static LruHashMap<SockRevNat6Key, RevNat<[u32; 4]>> {
         &SHUNT_SKRN6
     }
+    fn frag() -> &'static LruHashMap<FragKey<[u32; 4]>, FragPorts> {
+        &frag::SHUNT_FRAG6
+    }
     #[inline(always)]
     fn sock_key(cookie: u64, addr: [u32; 4], port: u16) -> SockRevNat6Key {
         SockRevNat6Key {
@@ -505,14 +541,31 @@ impl Fam for V6 {
     /// (ipv6_ext.rs: later fragments and routing headers with segments left pass).
     #[inline(always)]
     fn parse(ctx: &TcContext, out: &mut Pkt<[u32; 4]>) -> Option<()> {
+        out.frag = frag::NONE;
         let v: u8 = ctx.load(IP_OFF).ok()?;
         if v >> 4 != 6 {
             return None;
         }
         let nh: u8 = ctx.load(IP_OFF + 6).ok()?;
-        let (proto, l4_off) = ipv6_ext::skip(ctx, nh, IP_OFF + IP6_HLEN)?;
+        let (proto, l4_off, later) = ipv6_ext::walk(ctx, nh, IP_OFF + IP6_HLEN)?;
         if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_SCTP {
             return None;
+        }
+        if later {
+            // No L4 header: frag::ports fills in the addresses and the ports (from the
+            // fragment map) in a frame of its own, off this one.
+            if !frag::handled(proto) {
+                return None;
+            }
+            out.frag = frag::LATER;
+            out.proto = proto;
+            out.l4_off = l4_off;
+            out.l4_len = 0;
+            out.ip_options = false;
+            return Some(());
+        }
+        if l4_off != IP_OFF + IP6_HLEN {
+            out.frag = frag::FIRST;
         }
         out.saddr = ctx.load(IP6_SADDR_OFF).ok()?;
         out.daddr = ctx.load(IP6_DADDR_OFF).ok()?;
@@ -674,6 +727,10 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
         }
         return Ok(deliver::<F>(ctx, &sc.p, &sc.act));
     }
+    // A later fragment takes its datagram's ports from the first fragment's entry (frag.rs).
+    if sc.p.frag == frag::LATER && !frag::ports::<F>(ctx, &mut sc.p, &mut sc.frag_key) {
+        return Ok(TCX_NEXT);
+    }
     let p = &sc.p;
     sc.ct_key = CtKey {
         saddr: p.saddr,
@@ -688,11 +745,18 @@ fn try_ingress<F: Fam>(ctx: &TcContext) -> Result<i32, ()> {
     // check_max_stack_depth), so the chain stays main -> try_ingress -> one step, and the
     // state passed between the steps lives in the scratch map, not in this frame.
     if !ct_hit::<F>(ctx, p, &sc.ct_key, &mut sc.act)? {
+        if p.frag == frag::LATER {
+            // Never a new flow from a fragment without ports of its own.
+            return Ok(TCX_NEXT);
+        }
         match new_flow::<F>(ctx, p, &mut sc.flow)? {
             Step::Verdict(v) => return Ok(v),
             Step::Reject => return reject::<F>(ctx, p),
             Step::Commit => commit::<F>(ctx, p, &sc.ct_key, &sc.flow, &mut sc.act)?,
         }
+    }
+    if p.frag == frag::FIRST {
+        frag::record::<F>(ctx, p, &mut sc.frag_key);
     }
     if p.proto == IPPROTO_SCTP {
         sctp::fix_crc::<F>(ctx, p)?;
@@ -719,6 +783,7 @@ pub struct Scratch<A> {
     flow: Flow<A>,
     act: Action<A>,
     icmp: icmp_err::Quote<A>,
+    frag_key: FragKey<A>,
 }
 
 /// What to do with a translated packet.
@@ -1221,6 +1286,11 @@ fn rewrite<F: Fam>(
     addr: F::A,
     port: u16,
 ) -> Result<(), ()> {
+    if p.frag == frag::LATER {
+        // No L4 header in this fragment (frag.rs): the addresses only.
+        let old = if dst { p.daddr } else { p.saddr };
+        return frag::set_addr::<F>(ctx, dst, old, addr);
+    }
     if p.proto == IPPROTO_SCTP {
         // No pseudo-header, a CRC32c instead of the Internet checksum (sctp.rs).
         return sctp::rewrite::<F>(ctx, p, dst, addr, port);

@@ -48,10 +48,14 @@ pub mod names {
     pub const SOCK_FWD6: &str = "SHUNT_SKFWD6";
     /// Array, one `CtTimeouts`: the conntrack timeouts the agent configured.
     pub const CT_TIMEOUTS: &str = "SHUNT_CTTMO";
+    /// LRU `FragKey<A>` -> `FragPorts`: the L4 ports of a translated first fragment, for
+    /// the datagram's later fragments (which carry no L4 header).
+    pub const FRAG4: &str = "SHUNT_FRAG4";
+    pub const FRAG6: &str = "SHUNT_FRAG6";
     /// Every map the kernel object declares, pinned by name; except the tc program's
     /// per-CPU scratch maps `SHUNT_SCRATCH4`/`SHUNT_SCRATCH6`, which hold nothing between
     /// runs and are not pinned.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 29] = [
         CT_TIMEOUTS,
         SERVICES4,
         BACKENDS4,
@@ -79,6 +83,8 @@ pub mod names {
         SOCK_REVNAT6,
         CONFIG6,
         SOCK_FWD6,
+        FRAG4,
+        FRAG6,
     ];
 
     /// One family's maps. Keys and values: `ServiceKey<A>` -> `Service4Value`,
@@ -100,6 +106,7 @@ pub mod names {
         pub sock_rev_nat: &'static str,
         pub config: &'static str,
         pub sock_fwd: &'static str,
+        pub frag: &'static str,
     }
     pub const V4: Family = Family {
         services: SERVICES4,
@@ -114,6 +121,7 @@ pub mod names {
         sock_rev_nat: SOCK_REVNAT4,
         config: CONFIG4,
         sock_fwd: SOCK_FWD4,
+        frag: FRAG4,
     };
     pub const V6: Family = Family {
         services: SERVICES6,
@@ -128,6 +136,7 @@ pub mod names {
         sock_rev_nat: SOCK_REVNAT6,
         config: CONFIG6,
         sock_fwd: SOCK_FWD6,
+        frag: FRAG6,
     };
 }
 
@@ -165,6 +174,8 @@ pub mod limits {
     pub const CLUSTER_IPS: u32 = 65_536;
     pub const CIDRS: u32 = 256;
     pub const SOCK_REVNAT: u32 = 262_144;
+    /// Datagrams in flight as fragments (Cilium's CILIUM_IPV4_FRAG_MAP_MAX_ENTRIES default).
+    pub const FRAGS: u32 = 8_192;
 }
 
 /// Per-CPU counter slots of the `SHUNT_STATS` array.
@@ -316,6 +327,32 @@ pub type Ct4Key = CtKey<u32>;
 pub type Ct6Key = CtKey<[u32; 4]>;
 const _: () = assert!(core::mem::size_of::<Ct4Key>() == 16);
 const _: () = assert!(core::mem::size_of::<Ct6Key>() == 40);
+
+/// Fragment map key: one datagram in flight as fragments, as its fragments arrive (before
+/// translation): source, destination, the IPv4 identification (16 bits, widened) or the
+/// IPv6 fragment header's identification (32 bits), and the protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey<A> {
+    pub saddr: A,
+    pub daddr: A,
+    pub id: u32,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+pub type Frag4Key = FragKey<u32>;
+pub type Frag6Key = FragKey<[u32; 4]>;
+const _: () = assert!(core::mem::size_of::<Frag4Key>() == 16);
+const _: () = assert!(core::mem::size_of::<Frag6Key>() == 40);
+
+/// Fragment map value: the first fragment's L4 ports as it arrived (wire order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
 
 /// `CtValue::flags`.
 pub mod ct_flags {
@@ -688,4 +725,6 @@ mod user {
     unsafe impl<A: Wire> aya::Pod for Lpm<A> {}
     unsafe impl<A: Wire> aya::Pod for Config<A> {}
     unsafe impl<A: Wire> aya::Pod for SockFwd<A> {}
+    unsafe impl<A: Wire> aya::Pod for FragKey<A> {}
+    unsafe impl aya::Pod for FragPorts {}
 }

@@ -1013,3 +1013,5 @@ fn ipv4_mapped_clusterip_from_a_dual_stack_node_socket() {
     });
     assert!(!opts.pin_dir.exists());
 }
+
+mod frag;

@@ -1407,14 +1407,18 @@ fn ipv6_extension_headers_are_walked_to_the_ports() {
     assert_eq!((daddr6(&plain), ports6(&plain)), (v6(BE6), (5353, 8080)));
     assert_checksums6(&plain);
 
-    // Untouched: a later fragment (no ports), a routing header with segments left (not
-    // the final destination yet), more than four extension headers.
+    // A later fragment of that datagram (same identification): the first fragment's
+    // ports from the fragment map (tests/frag.rs has the whole datagrams), addresses only.
     let later = with_ext(
         &packet6(UDP, CLIENT6, 5354, VIP6, 80, 0),
         &[FRAGMENT],
         0x0008,
     );
-    assert_eq!(run(&mut ebpf, &later), (TCX_NEXT, later.clone()));
+    let (rc, out) = run(&mut ebpf, &later);
+    assert_eq!((rc, daddr6(&out)), (TCX_NEXT, v6(BE6)));
+    assert_eq!(out[54..], later[54..], "no L4 header in a later fragment");
+    // Untouched: a routing header with segments left (not the final destination yet),
+    // more than four extension headers.
     let routed = with_ext(&packet6(TCP, CLIENT6, 40001, VIP6, 80, SYN), &[ROUTING], 1);
     assert_eq!(run(&mut ebpf, &routed), (TCX_NEXT, routed.clone()));
     let deep = with_ext(
@@ -1656,3 +1660,5 @@ fn udp_timeouts_unreplied_and_stream() {
         "expired: the reply is no longer reverse-NATed"
     );
 }
+
+mod frag;

@@ -10,58 +10,7 @@ use std::time::{Duration, Instant};
 
 #[path = "support/netns.rs"]
 mod netns;
-use netns::{HEALTHZ, METRICS, Netns, Running, http_get, in_ns, must, wait_healthy};
-
-const MANIFESTS: &str = r#"
-apiVersion: v1
-kind: Node
-metadata:
-  name: node1
-status:
-  addresses:
-  - type: InternalIP
-    address: 10.0.0.2
----
-apiVersion: networking.k8s.io/v1
-kind: ServiceCIDR
-metadata:
-  name: kubernetes
-spec:
-  cidrs: ["10.96.0.0/16"]
----
-apiVersion: v1
-kind: Service
-metadata:
-  namespace: default
-  name: web
-spec:
-  type: ClusterIP
-  clusterIP: 10.96.0.10
-  clusterIPs: ["10.96.0.10"]
-  ipFamilies: ["IPv4"]
-  ports:
-  - name: http
-    port: 80
-    protocol: TCP
-    targetPort: 8080
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  namespace: default
-  name: web-1
-  labels:
-    kubernetes.io/service-name: web
-addressType: IPv4
-endpoints:
-- addresses: ["10.244.0.5"]
-  conditions: {ready: true, serving: true, terminating: false}
-  nodeName: node1
-ports:
-- name: http
-  port: 8080
-  protocol: TCP
-"#;
+use netns::{HEALTHZ, MANIFESTS, METRICS, Netns, Running, http_get, in_ns, must, wait_healthy};
 
 /// The cgroup and pin directory of this test, and `shunt --cleanup` of what it pinned;
 /// removed on drop (after the namespaces' shunt was stopped: declare it first).

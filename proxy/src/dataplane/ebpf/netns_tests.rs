@@ -445,17 +445,10 @@ fn udp6_from_node(lab: &Lab, addr: &str) -> String {
         .to_string()
 }
 
-/// IPv6 end to end: a pod reaches a v6 ClusterIP through the tc program (DNAT, reverse NAT,
-/// checksums checked by the real stack with tx offload off), an endpoint-less one answers
-/// with a TCP RST and an ICMPv6 port unreachable the client's stack accepts, and the node's
-/// own TCP and UDP go through connect6/getpeername6 and sendmsg6/recvmsg6.
-#[test]
-fn ipv6_clusterip_from_pod_and_node() {
-    if !can_run(&["ip", "ethtool", "python3", "mount"]) {
-        return;
-    }
-    let mut lab = setup_tagged("v6").unwrap_or_else(|e| panic!("lab setup: {e}"));
-    // IPv6 beside the IPv4 the lab already has; nodad: usable at once.
+/// IPv6 beside the IPv4 the lab already has (nodad: usable at once): node fd01:1::1 towards
+/// the client (fd01:1::9) and fd01:2::1 towards the backend (fd01:2::2), default routes via
+/// the node, forwarding on in the node.
+fn add_ipv6(lab: &Lab) {
     for (ns, dev, addr) in [
         ("n", "toc", "fd01:1::1/64"),
         ("n", "tob", "fd01:2::1/64"),
@@ -477,6 +470,19 @@ fn ipv6_clusterip_from_pod_and_node() {
     .unwrap();
     lab.exec("n", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         .unwrap();
+}
+
+/// IPv6 end to end: a pod reaches a v6 ClusterIP through the tc program (DNAT, reverse NAT,
+/// checksums checked by the real stack with tx offload off), an endpoint-less one answers
+/// with a TCP RST and an ICMPv6 port unreachable the client's stack accepts, and the node's
+/// own TCP and UDP go through connect6/getpeername6 and sendmsg6/recvmsg6.
+#[test]
+fn ipv6_clusterip_from_pod_and_node() {
+    if !can_run(&["ip", "ethtool", "python3", "mount"]) {
+        return;
+    }
+    let mut lab = setup_tagged("v6").unwrap_or_else(|e| panic!("lab setup: {e}"));
+    add_ipv6(&lab);
     lab.serve("b", &[SERVER6, UDP_SERVER6], 2);
     let opts = EbpfOptions {
         cgroup_root: lab.cgroup.clone(),

@@ -87,21 +87,7 @@ fn ipv6_udp_datagrams_bigger_than_the_mtu_cross_a_clusterip_whole() {
         return;
     }
     let mut lab = setup_tagged("f6").unwrap_or_else(|e| panic!("lab setup: {e}"));
-    for (ns, dev, addr) in [
-        ("n", "toc", "fd01:1::1/64"),
-        ("n", "tob", "fd01:2::1/64"),
-        ("c", "eth0", "fd01:1::9/64"),
-        ("b", "eth0", "fd01:2::2/64"),
-    ] {
-        lab.exec(ns, &["ip", "-6", "addr", "add", addr, "dev", dev, "nodad"])
-            .unwrap();
-    }
-    for (ns, gw) in [("c", "fd01:1::1"), ("b", "fd01:2::1")] {
-        lab.exec(ns, &["ip", "-6", "route", "add", "default", "via", gw])
-            .unwrap();
-    }
-    lab.exec("n", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
-        .unwrap();
+    add_ipv6(&lab);
     lab.serve("b", &[BIG_UDP_SERVER6], 1);
     assert_eq!(big(&lab, "fd01:2::2", "8080"), "3000 True fd01:2::2");
     assert_eq!(big(&lab, "fd00:172:30::12", "80"), "TimeoutError");
